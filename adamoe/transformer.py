@@ -1,0 +1,228 @@
+"""Pre-LayerNorm encoder-decoder transformer whose FFNs are dense or MoE layers."""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adamoe.gates import Gate, Routing, Top2Gate
+from adamoe.moe import ACTIVATIONS, MoELayer
+
+GateFactory = Callable[[int, int], Gate]
+
+
+def sinusoidal_positions(start: int, length: int, d_model: int, device) -> Tensor:
+    pos_S1 = torch.arange(start, start + length, device=device, dtype=torch.float32).unsqueeze(1)
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe_SD = torch.zeros(length, d_model, device=device)
+    pe_SD[:, 0::2] = torch.sin(pos_S1 * inv_freq)
+    pe_SD[:, 1::2] = torch.cos(pos_S1 * inv_freq[: d_model // 2])
+    return pe_SD
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def keys_values(self, x_BSD: Tensor) -> tuple[Tensor, Tensor]:
+        B, S, D = x_BSD.shape
+        k_BHSd, v_BHSd = self.kv_proj(x_BSD).view(B, S, 2, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        return k_BHSd, v_BHSd
+
+    def forward(self, x_BSD: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, mask=None, is_causal=False) -> Tensor:
+        B, S, D = x_BSD.shape
+        q_BHSd = self.q_proj(x_BSD).view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        return self.out_proj(o_BHSd.transpose(1, 2).reshape(B, S, D))
+
+
+class FeedForward(nn.Module):
+    """Dense FFN with the MoE layer's call signature, so blocks treat both alike."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu"):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.activation = ACTIVATIONS[activation]
+
+    def forward(self, x_BSD: Tensor, padding_mask_BS: Tensor | None = None) -> tuple[Tensor, None]:
+        return self.fc2(self.activation(self.fc1(x_BSD))), None
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, FFN; each pre-normed with a residual."""
+
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, dropout: float, cross: bool):
+        super().__init__()
+        self.self_norm = nn.LayerNorm(d_model)
+        self.self_attn = Attention(d_model, n_heads, dropout)
+        self.cross_norm = nn.LayerNorm(d_model) if cross else None
+        self.cross_attn = Attention(d_model, n_heads, dropout) if cross else None
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x_BSD, padding_mask_BS, self_mask=None, causal=False, cache=None, memory=None, memory_mask=None):
+        h = self.self_norm(x_BSD)
+        k, v = self.self_attn.keys_values(h)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        # With a cache the query is only the newest position, which may see every key.
+        x_BSD = x_BSD + self.drop(self.self_attn(h, k, v, self_mask, is_causal=causal and cache is None))
+        if self.cross_attn is not None:
+            if cache is not None and "memory_k" in cache:
+                mk, mv = cache["memory_k"], cache["memory_v"]
+            else:
+                mk, mv = self.cross_attn.keys_values(memory)
+                if cache is not None:
+                    cache["memory_k"], cache["memory_v"] = mk, mv
+            x_BSD = x_BSD + self.drop(self.cross_attn(self.cross_norm(x_BSD), mk, mv, memory_mask))
+        y_BSD, routing = self.ffn(self.ffn_norm(x_BSD), padding_mask_BS)
+        return x_BSD + self.drop(y_BSD), routing
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder transformer (Vaswani et al.) with pre-LayerNorm and MoE FFNs.
+
+    FFN i (0-based) of each stack is an MoE layer when (i + 1) % moe_every == 0, so the
+    default moe_every=2 makes every second FFN sparse; moe_every=0 is fully dense.
+    `forward` returns the logits and one `Routing` per MoE layer, in the order of
+    `moe_layer_names`: encoder layers bottom to top, then decoder layers bottom to top.
+
+    Sequences are right-padded: the decoder relies on causal masking alone to keep real
+    positions from seeing target padding.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int = 0,
+        d_model: int = 256,
+        n_heads: int = 4,
+        d_ff: int = 1024,
+        num_encoder_layers: int = 3,
+        num_decoder_layers: int = 3,
+        num_experts: int = 8,
+        moe_every: int = 2,
+        gate: GateFactory = Top2Gate,
+        activation: str = "relu",
+        capacity_factor: float | None = None,
+        dropout: float = 0.1,
+        tie_embeddings: bool = True,
+    ):
+        super().__init__()
+        if moe_every < 0:
+            raise ValueError(f"moe_every must be >= 0, got {moe_every}")
+        self.pad_id = pad_id
+        self.d_model = d_model
+        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+        self.moe_layer_names: list[str] = []
+
+        def ffn(stack: str, i: int) -> nn.Module:
+            if moe_every and (i + 1) % moe_every == 0:
+                self.moe_layer_names.append(f"{stack}.{i}")
+                return MoELayer(d_model, d_ff, num_experts, gate(d_model, num_experts), activation, capacity_factor)
+            return FeedForward(d_model, d_ff, activation)
+
+        self.encoder = nn.ModuleList(Block(d_model, n_heads, ffn("enc", i), dropout, cross=False) for i in range(num_encoder_layers))
+        self.decoder = nn.ModuleList(Block(d_model, n_heads, ffn("dec", i), dropout, cross=True) for i in range(num_decoder_layers))
+        self.encoder_norm = nn.LayerNorm(d_model)
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+        self.output = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.output.weight = self.embed.weight
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in (*self.encoder, *self.decoder) if isinstance(b.ffn, MoELayer)]
+
+    def _embed(self, tokens_BS: Tensor, start: int = 0) -> Tensor:
+        pos_SD = sinusoidal_positions(start, tokens_BS.shape[1], self.d_model, tokens_BS.device)
+        return self.drop(self.embed(tokens_BS) * math.sqrt(self.d_model) + pos_SD)
+
+    def encode(self, src_BS: Tensor, src_pad_BS: Tensor) -> tuple[Tensor, list[Routing]]:
+        mask = ~src_pad_BS[:, None, None, :]
+        x, routings = self._embed(src_BS), []
+        for block in self.encoder:
+            x, r = block(x, src_pad_BS, self_mask=mask)
+            routings += [r] if r is not None else []
+        return self.encoder_norm(x), routings
+
+    def decode(self, tgt_BS, memory_BSD, src_pad_BS, tgt_pad_BS=None, cache: list[dict] | None = None, start: int = 0):
+        memory_mask = ~src_pad_BS[:, None, None, :]
+        x, routings = self._embed(tgt_BS, start), []
+        for i, block in enumerate(self.decoder):
+            x, r = block(
+                x, tgt_pad_BS, causal=True, cache=None if cache is None else cache[i], memory=memory_BSD, memory_mask=memory_mask
+            )
+            routings += [r] if r is not None else []
+        return self.output(self.decoder_norm(x)), routings
+
+    def forward(self, src_BS, tgt_in_BS, src_pad_BS=None, tgt_pad_BS=None) -> tuple[Tensor, list[Routing]]:
+        src_pad_BS = src_BS.eq(self.pad_id) if src_pad_BS is None else src_pad_BS
+        tgt_pad_BS = tgt_in_BS.eq(self.pad_id) if tgt_pad_BS is None else tgt_pad_BS
+        memory, enc_routings = self.encode(src_BS, src_pad_BS)
+        logits, dec_routings = self.decode(tgt_in_BS, memory, src_pad_BS, tgt_pad_BS)
+        return logits, enc_routings + dec_routings
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src_BS: Tensor,
+        bos_id: int,
+        eos_id: int,
+        max_len: int,
+        beam_size: int = 1,
+        length_penalty: float = 1.0,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Greedy (beam_size=1) or beam search. Returns [B, <=max_len] tokens, pad after eos.
+
+        Finished beams stay in the beam with a frozen score; the final pick divides each
+        score by length ** length_penalty.
+        """
+        B, K = src_BS.shape[0], beam_size
+        src_pad = src_BS.eq(self.pad_id)
+        memory, _ = self.encode(src_BS, src_pad)
+        memory, src_pad = memory.repeat_interleave(K, 0), src_pad.repeat_interleave(K, 0)
+        ys = torch.full((B * K, 1), bos_id, dtype=torch.long, device=src_BS.device)
+        scores = torch.zeros(B, K, device=src_BS.device)
+        scores[:, 1:] = float("-inf")  # all beams start identical: keep one alive
+        done = torch.zeros(B * K, dtype=torch.bool, device=src_BS.device)
+        cache = [{} for _ in self.decoder] if use_cache else None
+        for t in range(max_len):
+            if use_cache:
+                logits, _ = self.decode(ys[:, -1:], memory, src_pad, cache=cache, start=t)
+            else:
+                logits, _ = self.decode(ys, memory, src_pad)
+            logp = logits[:, -1].float().log_softmax(-1)
+            logp[done] = float("-inf")
+            logp[done, self.pad_id] = 0.0
+            V = logp.shape[-1]
+            scores, flat = (scores.view(-1, 1) + logp).view(B, K * V).topk(K, -1)
+            beam_BK, token = flat // V, (flat % V).view(-1)
+            rows = (beam_BK + torch.arange(B, device=flat.device).unsqueeze(1) * K).view(-1)
+            ys = torch.cat([ys[rows], token.unsqueeze(1)], 1)
+            done = done[rows] | token.eq(eos_id)
+            if cache is not None:
+                for c in cache:
+                    c["k"], c["v"] = c["k"][rows], c["v"][rows]
+            if done.all():
+                break
+        out = ys[:, 1:]
+        lengths = out.ne(self.pad_id).sum(1).clamp_min(1).view(B, K).float()
+        best = (scores / lengths**length_penalty).argmax(-1)
+        return out.view(B, K, -1)[torch.arange(B, device=out.device), best]

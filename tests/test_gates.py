@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+
+from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
+
+
+def gate_with_logits(cls, logits_TE, **kwargs):
+    """A gate whose router maps the identity input x = I_T-rows onto the given logits."""
+    T, E = logits_TE.shape
+    gate = cls(T, E, **kwargs)
+    with torch.no_grad():
+        gate.router.weight.copy_(logits_TE.t())
+    return gate, torch.eye(T)
+
+
+# Softmax probabilities worked out by hand for three experts:
+#   token 0: logits (ln 6, ln 3, 0)    -> p = (0.6, 0.3, 0.1); p1' = 2/3, p2' = 1/3, gap 1/3
+#   token 1: logits (0, ln 4.5, ln 4.5) -> p = (0.1, 0.45, 0.45); gap 0 (a tie)
+#   token 2: logits (ln 5, 0, ln 4)    -> p = (0.5, 0.1, 0.4); p1' = 5/9, p2' = 4/9, gap 1/9
+LOGITS = torch.tensor([[math.log(6), math.log(3), 0.0], [0.0, math.log(4.5), math.log(4.5)], [math.log(5), 0.0, math.log(4)]])
+
+
+def assignments(r):
+    return sorted(zip(r.token_index_N.tolist(), r.expert_index_N.tolist(), [round(w, 6) for w in r.weight_N.tolist()]))
+
+
+def test_top1_picks_argmax_with_raw_probability():
+    gate, x = gate_with_logits(Top1Gate, LOGITS, aux_loss_coef=0.0)
+    r = gate(x)
+    got = {t: (e, w) for t, e, w in assignments(r)}
+    assert got[0] == (0, 0.6) and got[2] == (0, 0.5)
+    assert got[1][0] in (1, 2) and got[1][1] == 0.45
+    assert r.experts_per_token_T.tolist() == [1, 1, 1]
+
+
+def test_top2_normalizes_the_two_weights():
+    gate, x = gate_with_logits(Top2Gate, LOGITS, aux_loss_coef=0.0)
+    r = gate(x)
+    a = assignments(r)
+    assert (0, 0, round(2 / 3, 6)) in a and (0, 1, round(1 / 3, 6)) in a
+    assert (2, 0, round(5 / 9, 6)) in a and (2, 2, round(4 / 9, 6)) in a
+    assert sorted(e for t, e, _ in a if t == 1) == [1, 2]
+    assert r.experts_per_token_T.tolist() == [2, 2, 2]
+    assert r.expert_load_E.tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "threshold,two", [(0.0, [False, True, False]), (0.1, [False, True, False]), (0.12, [False, True, True]), (1.0, [True, True, True])]
+)
+def test_adaptive_takes_two_experts_where_the_gap_is_small(threshold, two):
+    gate, x = gate_with_logits(AdaptiveGate, LOGITS, threshold=threshold, aux_loss_coef=0.0)
+    r = gate(x)
+    assert r.experts_per_token_T.tolist() == [2 if t else 1 for t in two]
+    a = assignments(r)
+    # A one-expert token keeps its normalized weight p1' (the documented default).
+    if not two[0]:
+        assert [(e, w) for t, e, w in a if t == 0] == [(0, round(2 / 3, 6))]
+    if two[2]:
+        assert [(e, w) for t, e, w in a if t == 2] == [(0, round(5 / 9, 6)), (2, round(4 / 9, 6))]
+
+
+def test_adaptive_single_weight_options():
+    gate, x = gate_with_logits(AdaptiveGate, LOGITS, threshold=0.1, single_weight="one", aux_loss_coef=0.0)
+    assert [w for t, e, w in assignments(gate(x)) if t == 0] == [1.0]
+    gate, x = gate_with_logits(AdaptiveGate, LOGITS, threshold=0.1, single_weight="raw", aux_loss_coef=0.0)
+    assert [w for t, e, w in assignments(gate(x)) if t == 0] == [0.6]
+
+
+def test_adaptive_threshold_one_routes_like_top2():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    top2, adaptive = Top2Gate(16, 8), AdaptiveGate(16, 8, threshold=1.0)
+    adaptive.load_state_dict(top2.state_dict())
+    assert assignments(top2(x)) == assignments(adaptive(x))
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan")])
+def test_adaptive_rejects_bad_threshold(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        AdaptiveGate(4, 4, threshold=threshold)
+
+
+def test_aux_loss_matches_eq4_by_hand():
+    gate, x = gate_with_logits(Top2Gate, LOGITS, aux_loss_coef=0.5)
+    # First choices: token 0 -> e0, token 1 -> e1 (topk tie order), token 2 -> e0.
+    first = gate(x).token_index_N.new_tensor([0, 1, 0])
+    f = torch.bincount(first, minlength=3).float() / 3
+    p = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.45, 0.45], [0.5, 0.1, 0.4]]).mean(0)
+    assert gate(x).aux_loss.item() == pytest.approx(0.5 * 3 * (f * p).sum().item(), rel=1e-5)
+    # 2/3 * (0.4) + 1/3 * (0.2833) ... written out: 3 * (2/3*0.4 + 1/3*0.2833) * 0.5
+    assert gate(x).aux_loss.item() == pytest.approx(0.5 * 3 * (2 / 3 * 0.4 + 1 / 3 * (0.85 / 3)), rel=1e-5)
+
+
+def test_z_loss_adds_squared_logsumexp():
+    gate, x = gate_with_logits(Top1Gate, LOGITS, aux_loss_coef=0.0, z_loss_coef=0.1)
+    z = torch.logsumexp(LOGITS, -1).square().mean() * 0.1
+    assert gate(x).aux_loss.item() == pytest.approx(z.item(), rel=1e-5)
+
+
+def test_padding_is_excluded_from_routing_counts_and_loss():
+    torch.manual_seed(0)
+    gate = AdaptiveGate(8, 4, threshold=0.3, z_loss_coef=0.01)
+    x = torch.randn(10, 8)
+    pad = torch.zeros(10, dtype=torch.bool)
+    pad[[2, 7, 9]] = True
+    r = gate(x, pad)
+    ref = gate(x[~pad])
+    assert r.experts_per_token_T[pad].tolist() == [0, 0, 0]
+    assert r.experts_per_token_T[~pad].tolist() == ref.experts_per_token_T.tolist()
+    assert not set(r.token_index_N.tolist()) & {2, 7, 9}
+    assert r.expert_load_E.tolist() == ref.expert_load_E.tolist()
+    assert r.aux_loss.item() == pytest.approx(ref.aux_loss.item())
+    assert r.num_tokens == 7
+
+
+def test_softmax_runs_in_float32_under_autocast():
+    gate = Top2Gate(8, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = gate(torch.randn(5, 8))
+    assert r.weight_N.dtype == torch.float32
+
+
+def test_capacity_drops_second_choices_first():
+    gate, x = gate_with_logits(Top2Gate, LOGITS, aux_loss_coef=0.0)
+    r = gate(x).with_capacity(1)
+    # First choices: e0 (t0), e1 (t1), e0 (t2); e0 overflows with t2; seconds e1 (t0), e2 (t1), e2 (t2).
+    assert r.dropped == 6 - r.expert_load_E.sum().item()
+    assert r.expert_load_E.tolist() == [1, 1, 1]
+    kept = assignments(r)
+    assert (0, 0, round(2 / 3, 6)) in kept and (1, 1, 0.5) in kept

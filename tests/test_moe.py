@@ -1,0 +1,128 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
+from adamoe.moe import MoELayer
+
+GATES = [Top1Gate, Top2Gate, lambda d, e: AdaptiveGate(d, e, threshold=0.2)]
+
+
+def naive_moe(layer, x_TD, pad_T, rule):
+    """Per-token loop: softmax, pick experts by `rule`, sum weighted expert FFNs."""
+    w_g = layer.gate.router.weight
+    w0, w1 = layer.experts.w0_EDF, layer.experts.w1_EFD
+    out = []
+    for t in range(x_TD.shape[0]):
+        if pad_T[t]:
+            out.append(torch.zeros_like(x_TD[t]))
+            continue
+        p = torch.softmax(x_TD[t] @ w_g.t(), -1)
+        y = torch.zeros_like(x_TD[t])
+        for e, w in rule(p):
+            y = y + w * (F.relu(x_TD[t] @ w0[e]) @ w1[e])
+        out.append(y)
+    return torch.stack(out)
+
+
+def rule_for(gate):
+    def top2(p):
+        v, i = p.topk(2)
+        v = v / v.sum()
+        return [(i[0], v[0]), (i[1], v[1])]
+
+    if isinstance(gate, Top1Gate):
+        return lambda p: [(p.argmax(), p.max())]
+    if isinstance(gate, Top2Gate):
+        return top2
+    return lambda p: top2(p) if (lambda v: (v[0] - v[1]) / v.sum())(p.topk(2).values) <= gate.threshold else top2(p)[:1]
+
+
+@pytest.mark.parametrize("make_gate", GATES, ids=["top1", "top2", "adaptive"])
+def test_matches_naive_loop_with_padding_and_empty_experts(make_gate):
+    torch.manual_seed(0)
+    D, E, B, S = 6, 5, 3, 7
+    layer = MoELayer(D, 10, E, make_gate(D, E)).double()
+    x = torch.randn(B, S, D, dtype=torch.float64)
+    x[..., 0] = 1.0
+    x.requires_grad_()
+    with torch.no_grad():  # feature 0 is constant: this makes expert 4 unreachable, an empty expert
+        layer.gate.router.weight[4] = 0.0
+        layer.gate.router.weight[4, 0] = -100.0
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[0, 5:] = True
+    pad[2, 3:] = True
+    y, routing = layer(x, pad)
+    assert routing.expert_load_E[4] == 0
+    params = [x, layer.gate.router.weight, layer.experts.w0_EDF, layer.experts.w1_EFD]
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad((y * g).sum() + routing.aux_loss * 0, params)
+
+    ref = naive_moe(layer, x.view(-1, D), pad.view(-1), rule_for(layer.gate)).view(B, S, D)
+    ref_grads = torch.autograd.grad((ref * g).sum(), params, allow_unused=True)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), atol=1e-5, rtol=0)
+    assert grads[2][4].abs().max() == 0  # the empty expert gets an exact zero gradient
+
+
+@pytest.mark.parametrize("make_gate", GATES, ids=["top1", "top2", "adaptive"])
+def test_permuting_tokens_permutes_outputs(make_gate):
+    torch.manual_seed(1)
+    layer = MoELayer(8, 16, 4, make_gate(8, 4)).double()
+    x = torch.randn(1, 20, 8, dtype=torch.float64)
+    perm = torch.randperm(20)
+    y, _ = layer(x)
+    y_perm, _ = layer(x[:, perm])
+    torch.testing.assert_close(y_perm, y[:, perm])
+
+
+def test_padding_content_changes_nothing_else():
+    torch.manual_seed(2)
+    layer = MoELayer(8, 16, 4, AdaptiveGate(8, 4, threshold=0.3)).double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    y1, r1 = layer(x, pad)
+    x2 = x.clone()
+    x2[pad] = torch.randn(int(pad.sum()), 8, dtype=torch.float64) * 100
+    y2, r2 = layer(x2, pad)
+    torch.testing.assert_close(y1, y2)
+    assert y1[pad].abs().max() == 0
+    assert r1.aux_loss.item() == pytest.approx(r2.aux_loss.item())
+    assert r1.expert_load_E.tolist() == r2.expert_load_E.tolist()
+
+
+def test_one_expert_tokens_cost_one_expert():
+    torch.manual_seed(3)
+    layer = MoELayer(8, 16, 4, AdaptiveGate(8, 4, threshold=0.0))
+    _, r = layer(torch.randn(2, 10, 8))
+    assert r.token_index_N.numel() == 20 == r.expert_load_E.sum()
+
+
+def test_capacity_counts_dropped_and_skips_them():
+    torch.manual_seed(4)
+    layer = MoELayer(8, 16, 4, Top2Gate(8, 4), capacity_factor=0.5).double()
+    x = torch.randn(1, 32, 8, dtype=torch.float64)
+    y, r = layer(x)
+    assert r.dropped > 0 and r.expert_load_E.max() <= 8
+    assert r.dropped + r.expert_load_E.sum() == 64
+    # The output uses exactly the surviving assignments.
+    manual = layer.dispatch(x.view(32, 8), r).view_as(y)
+    torch.testing.assert_close(y, manual)
+
+
+def test_rejects_mismatched_gate_and_bad_capacity():
+    with pytest.raises(ValueError, match="experts"):
+        MoELayer(8, 16, 4, Top2Gate(8, 3))
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoELayer(8, 16, 4, Top2Gate(8, 4), capacity_factor=0)
+
+
+def test_runs_under_bf16_autocast():
+    layer = MoELayer(8, 16, 4, Top2Gate(8, 4))
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, r = layer(x)
+    y.float().sum().backward()
+    assert x.grad is not None and layer.experts.w0_EDF.grad.dtype == torch.float32
