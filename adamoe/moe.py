@@ -10,46 +10,66 @@ from torch import Tensor, nn
 from adamoe.gates import Gate, Routing
 
 
-class _GroupedMM(torch.autograd.Function):
-    """out[rows of expert e] = x[rows of expert e] @ w[e], rows grouped by expert.
+class _ExpertFFN(torch.autograd.Function):
+    """y[t] = sum over assignments n of token t: weight[n] * act(x[t] @ W0[e_n]) @ W1[e_n].
 
-    Written by hand because autograd through `w[e]` would build a full [E, ...] zero
-    gradient for every expert and add them up (E times the weight memory traffic);
-    here each expert writes its slice of one gradient tensor, and empty experts cost nothing.
+    Assignments arrive sorted by expert; each expert gathers its tokens, computes, and
+    scatter-adds its weighted output, one expert at a time. Written by hand because:
+    - autograd through `W[e]` would build a full [E, ...] zero gradient for every expert
+      and add them up, E times the weight traffic;
+    - going expert by expert through forward and backward keeps each expert's tokens and
+      hidden activations in cache, where whole-batch gathers, elementwise ops and
+      scatters would stream them through memory. The pre-activation and the unweighted
+      outputs are saved; the activation is recomputed per expert.
     """
 
     @staticmethod
-    def forward(ctx, x_NI, w_EIO, counts):
-        ctx.save_for_backward(x_NI, w_EIO)
-        ctx.counts = counts
-        out_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(x_NI[start : start + n], w_EIO[e], out=out_NO[start : start + n])
-                start += n
-        return out_NO
+    def forward(ctx, x_TD, token_N, weight_N, w0_EDF, w1_EFD, counts, activation):
+        a_NF = x_TD.new_empty(token_N.shape[0], w0_EDF.shape[2], dtype=w0_EDF.dtype)
+        y_ND = x_TD.new_empty(token_N.shape[0], w1_EFD.shape[2], dtype=w1_EFD.dtype)
+        y_TD = torch.zeros_like(x_TD)
+        for e, s in _expert_slices(counts):
+            x = x_TD.index_select(0, token_N[s]).to(w0_EDF.dtype)
+            torch.mm(x, w0_EDF[e], out=a_NF[s])
+            torch.mm(activation(a_NF[s]), w1_EFD[e], out=y_ND[s])
+            y_TD.index_add_(0, token_N[s], (y_ND[s] * weight_N[s, None]).to(y_TD.dtype))
+        ctx.save_for_backward(x_TD, token_N, weight_N, w0_EDF, w1_EFD, a_NF, y_ND)
+        ctx.counts, ctx.activation = counts, activation
+        return y_TD
 
     @staticmethod
-    def backward(ctx, grad_NO):
-        x_NI, w_EIO = ctx.saved_tensors
-        grad_x = torch.empty_like(x_NI) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w_EIO) if ctx.needs_input_grad[1] else None
-        start = 0
+    def backward(ctx, grad_TD):
+        x_TD, token_N, weight_N, w0_EDF, w1_EFD, a_NF, y_ND = ctx.saved_tensors
+        grad_x = torch.zeros_like(x_TD)
+        grad_weight = torch.empty_like(weight_N)
+        # Experts without tokens get zero gradients; the others overwrite their slot.
+        grad_w0, grad_w1 = torch.empty_like(w0_EDF), torch.empty_like(w1_EFD)
         for e, n in enumerate(ctx.counts):
-            if n:
-                g = grad_NO[start : start + n]
-                if grad_x is not None:
-                    torch.mm(g, w_EIO[e].t(), out=grad_x[start : start + n])
-                if grad_w is not None:
-                    torch.mm(x_NI[start : start + n].t(), g, out=grad_w[e])
-                start += n
-        return grad_x, grad_w, None
+            if n == 0:
+                grad_w0[e].zero_()
+                grad_w1[e].zero_()
+        for e, s in _expert_slices(ctx.counts):
+            tokens = token_N[s]
+            g = grad_TD.index_select(0, tokens).to(y_ND.dtype)
+            grad_weight[s] = (g * y_ND[s]).sum(1).to(grad_weight.dtype)
+            # Scale the narrow [n, D] gradient by the weights, not the wide [n, F] hidden.
+            g_w = g * weight_N[s, None].to(g.dtype)
+            with torch.enable_grad():
+                a = a_NF[s].detach().requires_grad_()
+                h = ctx.activation(a)
+            torch.mm(h.detach().t(), g_w, out=grad_w1[e])
+            (grad_a,) = torch.autograd.grad(h, a, g_w @ w1_EFD[e].t())
+            torch.mm(x_TD.index_select(0, tokens).to(w0_EDF.dtype).t(), grad_a, out=grad_w0[e])
+            grad_x.index_add_(0, tokens, (grad_a @ w0_EDF[e].t()).to(grad_x.dtype))
+        return grad_x, None, grad_weight, grad_w0, grad_w1, None, None
 
 
-def grouped_mm(x_NI: Tensor, w_EIO: Tensor, counts: list[int]) -> Tensor:
-    """Multiply consecutive row blocks of `x_NI` (sizes `counts`) by their expert's matrix."""
-    return _GroupedMM.apply(x_NI, w_EIO, counts)
+def _expert_slices(counts: list[int]):
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+            start += n
 
 
 class Experts(nn.Module):
@@ -68,14 +88,15 @@ class Experts(nn.Module):
             bound = 1 / math.sqrt(w.shape[1])
             nn.init.uniform_(w, -bound, bound)
 
-    def forward(self, x_ND: Tensor, tokens_per_expert_E: list[int]) -> Tensor:
-        device = x_ND.device.type
-        # The grouped matmul writes into preallocated outputs, which autocast cannot see
+    def forward(self, x_TD: Tensor, token_N: Tensor, weight_N: Tensor, tokens_per_expert_E: list[int]) -> Tensor:
+        """Weighted sum of expert outputs per token; assignments sorted by expert."""
+        device = x_TD.device.type
+        # The kernel writes into preallocated outputs, which autocast cannot see
         # through: cast once here instead.
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_ND.dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
         with torch.autocast(device, enabled=False):
-            h_NF = self.activation(grouped_mm(x_ND.to(dtype), self.w0_EDF.to(dtype), tokens_per_expert_E))
-            return grouped_mm(h_NF, self.w1_EFD.to(dtype), tokens_per_expert_E)
+            w0, w1 = self.w0_EDF.to(dtype), self.w1_EFD.to(dtype)
+            return _ExpertFFN.apply(x_TD, token_N, weight_N, w0, w1, tokens_per_expert_E, self.activation)
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -120,9 +141,6 @@ class MoELayer(nn.Module):
         return self.dispatch(x_TD, routing).view(B, S, D), routing
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
-        """Sort assignments by expert, gather tokens once, run experts, scatter-add back."""
+        """Sort assignments by expert; the experts gather, compute and scatter-add back."""
         order_N = torch.argsort(routing.expert_index_N, stable=True)
-        token_N = routing.token_index_N[order_N]
-        y_ND = self.experts(x_TD[token_N], routing.expert_load_E.tolist())
-        y_ND = y_ND.to(x_TD.dtype) * routing.weight_N[order_N].unsqueeze(1).to(x_TD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        return self.experts(x_TD, routing.token_index_N[order_N], routing.weight_N[order_N], routing.expert_load_E.tolist())

@@ -1,0 +1,112 @@
+"""The paper's Table 1 for our MoE layer: does time follow computation?
+
+Forward + backward of one MoELayer (d_model 512, d_ff 2048, 16 experts, 4096 tokens,
+fp32) under top-2, top-1 and adaptive gating with 80/50/20% of tokens on one expert,
+beside the same FLOPs as top-2 run dense: a plain autograd FFN, and its six GEMMs
+alone (the limit). Rows run interleaved,
+medians reported.
+
+    python benchmarks/moe_layer.py [--repeats 7] [--tokens 4096]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
+from adamoe.moe import MoELayer
+
+
+def adaptive_with_single_share(layer_top2: MoELayer, x_TD: torch.Tensor, single_share: float) -> MoELayer:
+    """An adaptive layer with the same weights whose threshold puts `single_share` of tokens on one expert."""
+    with torch.no_grad():
+        p_TK = layer_top2.gate.router(x_TD).softmax(-1).topk(2, -1).values
+        gap_T = (p_TK[:, 0] - p_TK[:, 1]) / p_TK.sum(-1)
+        threshold = torch.quantile(gap_T, 1 - single_share).item()
+    D, E = x_TD.shape[1], layer_top2.num_experts
+    layer = MoELayer(D, layer_top2.experts.w0_EDF.shape[2], E, AdaptiveGate(D, E, threshold=threshold))
+    layer.load_state_dict(layer_top2.state_dict())
+    return layer
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--d-ff", type=int, default=2048)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    T, D, Fd, E = args.tokens, args.d_model, args.d_ff, args.experts
+    x_BSD = torch.randn(1, T, D)
+    top2 = MoELayer(D, Fd, E, Top2Gate(D, E))
+    top1 = MoELayer(D, Fd, E, Top1Gate(D, E))
+    top1.load_state_dict(top2.state_dict())
+    rows = {"top-2": top2, "top-1": top1}
+    for share in (0.8, 0.5, 0.2):
+        rows[f"adaptive {share:.0%} top-1"] = adaptive_with_single_share(top2, x_BSD[0], share)
+    w0, w1 = torch.randn(D, Fd) / D**0.5, torch.randn(Fd, D) / Fd**0.5
+    w0.requires_grad_()
+    w1.requires_grad_()
+    x_dense = torch.randn(2 * T, D, requires_grad=True)  # top-2's assignments, as one dense FFN
+    # Real, dense output gradients: `.sum()`'s broadcast gradient would send the GEMMs down slow paths.
+    grad_y, grad_dense = torch.randn_like(x_BSD), torch.randn_like(x_dense)
+
+    def run_moe(layer):
+        layer.zero_grad(set_to_none=True)
+        x = x_BSD.detach().requires_grad_()
+        y, routing = layer(x)
+        torch.autograd.backward([y, routing.aux_loss], [grad_y, None])
+        return routing.token_index_N.numel()
+
+    def run_dense():
+        w0.grad = w1.grad = x_dense.grad = None
+        F.relu(x_dense @ w0).matmul(w1).backward(grad_dense)
+
+    # The strict limit: only the six GEMMs of a dense FFN's forward and backward, into
+    # preallocated outputs, with no activation, allocation or autograd cost.
+    X, W0, W1, G = x_dense.detach(), w0.detach(), w1.detach(), grad_dense
+    A, Y = X.new_empty(2 * T, Fd), torch.empty_like(X)
+    gW0, gW1, gA, gX = torch.empty_like(W0), torch.empty_like(W1), torch.empty_like(A), torch.empty_like(X)
+
+    def run_gemms():
+        torch.mm(X, W0, out=A)
+        torch.mm(A, W1, out=Y)
+        torch.mm(A.t(), G, out=gW1)
+        torch.mm(G, W1.t(), out=gA)
+        torch.mm(X.t(), gA, out=gW0)
+        torch.mm(gA, W0.t(), out=gX)
+
+    assignments = {name: run_moe(layer) for name, layer in rows.items()}
+    times = {name: [] for name in [*rows, "dense FFN", "dense GEMMs"]}
+    for i in range(args.warmup + args.repeats):
+        for name, layer in rows.items():
+            t = time.perf_counter()
+            run_moe(layer)
+            times[name].append(time.perf_counter() - t)
+        for name, fn in (("dense FFN", run_dense), ("dense GEMMs", run_gemms)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(ts[args.warmup :]) for name, ts in times.items()}
+
+    print(f"MoE layer fwd+bwd, {T} tokens, d_model {D}, d_ff {Fd}, {E} experts, fp32, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    print(f"{'gate':<22}{'computation':>12}{'time':>8}{'median ms':>11}")
+    gap = 0.0
+    for name in rows:
+        comp, norm = assignments[name] / assignments["top-2"], med[name] / med["top-2"]
+        gap = max(gap, abs(norm - comp))
+        print(f"{name:<22}{comp:>12.3f}{norm:>8.3f}{med[name] * 1e3:>11.1f}")
+    for name in ("dense FFN", "dense GEMMs"):
+        print(f"{name + ' (top-2 FLOPs)':<26}{1.0:>8.3f}{med[name] / med['top-2']:>8.3f}{med[name] * 1e3:>11.1f}")
+    print(f"gemm_efficiency={med['dense GEMMs'] / med['top-2']:.3f}  (the stricter limit: GEMMs alone)")
+    print(f"table1_max_gap={gap:.3f} efficiency={med['dense FFN'] / med['top-2']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
