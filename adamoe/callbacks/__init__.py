@@ -1,0 +1,3 @@
+from adamoe.callbacks.run import Checkpoint, MetricsSummary
+
+__all__ = ["Checkpoint", "MetricsSummary"]

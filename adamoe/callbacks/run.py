@@ -1,0 +1,60 @@
+"""Run bookkeeping: a fixed checkpoint folder and a metrics.json summary."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class Checkpoint(ModelCheckpoint):
+    """ModelCheckpoint that saves to `<save_dir>/<name>/checkpoints`, the same folder for
+    every version of a run, so that `--ckpt_path last` finds the previous run's last.ckpt."""
+
+    def _fix_dirpath(self, trainer):
+        if self.dirpath is None and trainer.loggers:
+            logger = trainer.loggers[0]
+            self.dirpath = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), "checkpoints")
+
+    def setup(self, trainer, pl_module, stage):
+        self._fix_dirpath(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer):
+        self._fix_dirpath(trainer)
+        return super()._find_last_checkpoints(trainer)
+
+
+class MetricsSummary(Callback):
+    """Writes `metrics.json` to the run folder at the end of fit: the final and the best
+    validation metrics (best by `monitor`), and the wall time of fit."""
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min"):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+
+    def on_fit_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+        self.best: dict | None = None
+        self.last: dict = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics.update(epoch=trainer.current_epoch, step=trainer.global_step)
+        self.last = metrics
+        value = metrics.get(self.monitor)
+        if value is not None and (self.best is None or (value < self.best[self.monitor]) == (self.mode == "min")):
+            self.best = metrics
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        summary = {"final": self.last, "best": self.best, "wall_time_s": time.perf_counter() - self.start, "global_step": trainer.global_step}
+        path = Path(trainer.log_dir) / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,35 @@
+"""The `train.py` command line: LightningCLI with the data-to-model links and run defaults."""
+
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from adamoe.callbacks import Checkpoint, MetricsSummary
+from adamoe.data import TranslationData
+from adamoe.module import TranslationModule
+
+
+class AdamoeCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        # The vocabulary is sized by the data config; special ids are the tokenizer's.
+        parser.link_arguments("data.vocab_size", "model.vocab_size")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+
+def main(args=None):
+    AdamoeCLI(
+        TranslationModule,
+        TranslationData,
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "adamoe"}},
+            "callbacks": [
+                Checkpoint(monitor="val/loss", mode="min", save_last=True, filename="best-{epoch}-{step}"),
+                MetricsSummary(),
+                LearningRateMonitor(logging_interval="step"),
+            ],
+            "use_distributed_sampler": False,  # the data module shards its own batches
+        },
+        auto_configure_optimizers=False,  # the module takes its optimizer and schedule as arguments
+        args=args,
+    )

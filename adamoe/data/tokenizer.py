@@ -1,0 +1,36 @@
+"""Joint BPE vocabulary, trained once on the training split and cached by content."""
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIALS = [PAD, BOS, EOS, UNK]  # ids 0..3, in this order
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+WORD_START = "\u2581"  # marks the first piece of every word, so pieces merge back into words
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=WORD_START)
+    tok.decoder = decoders.Metaspace(replacement=WORD_START)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"BPE produced {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}")
+    return tok
+
+
+def load_or_train(path: Path, texts: Iterable[str], vocab_size: int) -> tuple[Tokenizer, bool]:
+    """The tokenizer cached at `path`, or a new one trained on `texts` and saved there.
+    Returns it and whether it came from the cache."""
+    if path.exists():
+        return Tokenizer.from_file(str(path)), True
+    tok = train_bpe(texts, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tok.save(str(tmp))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return tok, False

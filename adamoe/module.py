@@ -1,0 +1,195 @@
+"""LightningModule: trains the MoE transformer on sentence pairs, evaluates BLEU."""
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+from torchmetrics.text import SacreBLEUScore
+
+from adamoe.gates import Top2Gate
+from adamoe.transformer import GateFactory, Transformer
+
+
+class WarmupInverseSqrt(LambdaLR):
+    """Linear warmup to the optimizer's lr, then decay by 1/sqrt(step) (Vaswani et al.)."""
+
+    def __init__(self, optimizer, warmup_steps: int = 1000):
+        w = max(1, warmup_steps)
+        super().__init__(optimizer, lambda step: min((step + 1) / w, math.sqrt(w / (step + 1))))
+
+
+class WarmupCosine(LambdaLR):
+    """Linear warmup, then cosine decay to `min_ratio` of the lr at `total_steps`."""
+
+    def __init__(self, optimizer, total_steps: int, warmup_steps: int = 1000, min_ratio: float = 0.0):
+        w = max(1, warmup_steps)
+
+        def ratio(step):
+            if step < w:
+                return (step + 1) / w
+            progress = min(1.0, (step - w) / max(1, total_steps - w))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        super().__init__(optimizer, ratio)
+
+
+@contextlib.contextmanager
+def swapped_gates(model: Transformer, gates: list):
+    """Route with `gates` (sharing the trained routers) inside the block."""
+    layers = model.moe_layers()
+    trained = [layer.gate for layer in layers]
+    for layer, gate in zip(layers, gates):
+        layer.gate = gate
+    try:
+        yield
+    finally:
+        for layer, gate in zip(layers, trained):
+            layer.gate = gate
+
+
+class TranslationModule(LightningModule):
+    """Sequence-to-sequence training with label-smoothed cross-entropy plus MoE aux losses.
+
+    Logs `train/loss` (what is minimized), `train/nll`, `train/aux_loss`, and per
+    validation `val/loss` (token-level cross-entropy, no smoothing), `val/ppl` and
+    `val/bleu` (sacreBLEU, 0-100, greedy decodes of the first `bleu_batches` batches of
+    each rank). `test` decodes with beam search; `predict` writes one hypothesis a line,
+    in dataset order, to `predict_output`.
+
+    `inference_gate`, when set, routes validation, test and predict with another rule
+    over the same trained routers, e.g. top-1 routing for an adaptively trained model.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int = 0,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        d_model: int = 256,
+        n_heads: int = 4,
+        d_ff: int = 1024,
+        num_encoder_layers: int = 3,
+        num_decoder_layers: int = 3,
+        num_experts: int = 8,
+        moe_every: int = 2,
+        gate: GateFactory = Top2Gate,
+        activation: str = "relu",
+        capacity_factor: float | None = None,
+        dropout: float = 0.1,
+        tie_embeddings: bool = True,
+        label_smoothing: float = 0.1,
+        inference_gate: GateFactory | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable = WarmupInverseSqrt,
+        bleu_batches: int = -1,
+        max_decode_len: int = 256,
+        beam_size: int = 4,
+        length_penalty: float = 1.0,
+        predict_output: str = "predictions.txt",
+    ):
+        super().__init__()
+        # Under LightningCLI this stores the config (gates and optimizer as class paths), so
+        # that `--ckpt_path` and `load_from_checkpoint` rebuild the same model.
+        self.save_hyperparameters()
+        self.model = Transformer(
+            vocab_size, pad_id, d_model, n_heads, d_ff, num_encoder_layers, num_decoder_layers, num_experts, moe_every,
+            gate, activation, capacity_factor, dropout, tie_embeddings,
+        )  # fmt: skip
+        # Inference gates share the trained routers; kept out of the module tree so that
+        # checkpoints hold each router once.
+        self._inference_gates = []
+        if inference_gate is not None:
+            for layer in self.model.moe_layers():
+                g = inference_gate(d_model, num_experts)
+                g.router = layer.gate.router
+                self._inference_gates.append(g)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_bleu, self.test_bleu = SacreBLEUScore(), SacreBLEUScore()
+        self._predictions: list[tuple[int, str]] = []
+
+    def forward(self, batch):
+        return self.model(batch["src"], batch["tgt_in"], batch["src_pad"], batch["tgt_pad"])
+
+    def _losses(self, batch):
+        logits, routings = self(batch)
+        target = batch["tgt_out"]
+        logits_NV, target_N = logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)
+        pad = self.hparams.pad_id
+        smoothed = F.cross_entropy(logits_NV, target_N, ignore_index=pad, label_smoothing=self.hparams.label_smoothing)
+        nll = F.cross_entropy(logits_NV, target_N, ignore_index=pad)
+        aux = sum((r.aux_loss for r in routings), logits.new_zeros(()))
+        return smoothed, nll, aux, int(target.ne(pad).sum()), routings
+
+    def training_step(self, batch, batch_idx):
+        smoothed, nll, aux, ntokens, routings = self._losses(batch)
+        loss = smoothed + aux
+        bs = batch["src"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({"train/nll": nll, "train/aux_loss": aux}, batch_size=bs)
+        return loss
+
+    def _inference(self):
+        return swapped_gates(self.model, self._inference_gates) if self._inference_gates else contextlib.nullcontext()
+
+    def decode(self, batch, beam_size: int) -> list[str]:
+        src = batch["src"]
+        max_len = min(self.hparams.max_decode_len, int(src.shape[1] * 1.5) + 10)
+        out = self.model.generate(src, self.hparams.bos_id, self.hparams.eos_id, max_len, beam_size, self.hparams.length_penalty)
+        decode = self.trainer.datamodule.decode
+        return [decode(row) for row in out.tolist()]
+
+    def _evaluate(self, batch, batch_idx, loss_metric, bleu_metric, beam_size, bleu_batches):
+        with self._inference():
+            _, nll, _, ntokens, _ = self._losses(batch)
+            loss_metric.update(nll, weight=ntokens)
+            if bleu_batches < 0 or batch_idx < bleu_batches:
+                bleu_metric.update(self.decode(batch, beam_size), [[t] for t in batch["target"]])
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, self.val_loss, self.val_bleu, 1, self.hparams.bleu_batches)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, self.test_loss, self.test_bleu, self.hparams.beam_size, -1)
+
+    def _log_eval(self, stage, loss_metric, bleu_metric):
+        # compute() sums the metric states over all ranks: every rank takes part.
+        loss = loss_metric.compute()
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/ppl": loss.exp(), f"{stage}/bleu": 100 * bleu_metric.compute()}, prog_bar=True)
+        loss_metric.reset()
+        bleu_metric.reset()
+
+    def on_validation_epoch_end(self):
+        self._log_eval("val", self.val_loss, self.val_bleu)
+
+    def on_test_epoch_end(self):
+        self._log_eval("test", self.test_loss, self.test_bleu)
+
+    def predict_step(self, batch, batch_idx):
+        with self._inference():
+            hyps = self.decode(batch, self.hparams.beam_size)
+        self._predictions += zip(batch["index"].tolist(), hyps)
+        return hyps
+
+    def on_predict_epoch_end(self):
+        gathered = [self._predictions]
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self._predictions)
+        self._predictions = []
+        if self.trainer.is_global_zero:
+            path = Path(self.hparams.predict_output)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(h + "\n" for _, h in sorted(p for part in gathered for p in part)))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
