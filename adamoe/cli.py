@@ -17,12 +17,12 @@ class AdamoeCLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
 
 
-def main(args=None):
-    AdamoeCLI(
+def main(args=None, run: bool = True) -> AdamoeCLI:
+    return AdamoeCLI(
         TranslationModule,
         TranslationData,
         trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "adamoe"}},
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "adamoe", "default_hp_metric": False}},
             "callbacks": [
                 Checkpoint(monitor="val/loss", mode="min", save_last=True, filename="best-{epoch}-{step}"),
                 MetricsSummary(),
@@ -32,4 +32,5 @@ def main(args=None):
         },
         auto_configure_optimizers=False,  # the module takes its optimizer and schedule as arguments
         args=args,
+        run=run,
     )

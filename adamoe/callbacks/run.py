@@ -42,13 +42,16 @@ class MetricsSummary(Callback):
         self.last: dict = {}
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         metrics.update(epoch=trainer.current_epoch, step=trainer.global_step)
         self.last = metrics
         value = metrics.get(self.monitor)
-        if value is not None and (self.best is None or (value < self.best[self.monitor]) == (self.mode == "min")):
+        if value is None:
+            return
+        best = None if self.best is None else self.best[self.monitor]
+        if best is None or (value < best if self.mode == "min" else value > best):
             self.best = metrics
 
     def on_fit_end(self, trainer, pl_module):

@@ -1,0 +1,133 @@
+"""End to end through train.py, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def tiny_config(tmp: Path) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": 6,
+            "val_check_interval": 3,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp / "logs"), "name": "tiny"}},
+        },
+        "model": {
+            "d_model": 32, "n_heads": 2, "d_ff": 64, "num_encoder_layers": 2, "num_decoder_layers": 2, "num_experts": 4,
+            "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+            "max_decode_len": 20, "beam_size": 2, "predict_output": str(tmp / "pred.txt"),
+        },
+        "data": {
+            "source": {"class_path": "adamoe.data.Synthetic", "init_args": {"train_size": 200, "val_size": 16, "test_size": 12}},
+            "vocab_size": 300, "max_tokens": 400, "cache_dir": str(tmp / "cache"),
+        },
+    }  # fmt: skip
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def scalars(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(tmp)
+    train("fit", "--config", cfg, cwd=tmp)
+    return tmp, cfg
+
+
+def test_fit_writes_events_config_metrics_and_checkpoints(fitted):
+    tmp, _ = fitted
+    run = tmp / "logs" / "tiny" / "version_0"
+    tags = scalars(run)
+    assert {"train/loss", "train/aux_loss", "val/loss", "val/ppl", "val/bleu"} <= set(tags)
+    assert (run / "config.yaml").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and metrics["wall_time_s"] > 0
+    assert metrics["final"]["val/loss"] == pytest.approx(tags["val/loss"][-1][1], rel=1e-5)
+    assert metrics["best"]["val/loss"] == pytest.approx(min(v for _, v in tags["val/loss"]), rel=1e-5)
+    assert (tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_validate_test_predict_from_checkpoint(fitted):
+    tmp, cfg = fitted
+    ckpt = tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt"
+    out = train("validate", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp)
+    assert "val/bleu" in out.stdout
+    out = train("test", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp)
+    assert "test/bleu" in out.stdout
+    train("predict", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp)
+    assert len((tmp / "pred.txt").read_text().splitlines()) == 12
+
+
+def test_resume_from_last_continues_the_step(fitted):
+    tmp, cfg = fitted
+    train("fit", "--config", cfg, "--ckpt_path", "last", "--trainer.max_steps", 9, cwd=tmp)
+    runs = sorted((tmp / "logs" / "tiny").glob("version_*"))
+    resumed = runs[-1]
+    assert json.loads((resumed / "metrics.json").read_text())["global_step"] == 9
+    assert min(step for step, _ in scalars(resumed)["train/loss"]) >= 6
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # the in-process CLI must not see pytest's arguments
+
+
+def test_load_from_checkpoint_rebuilds_the_configured_model(fitted):
+    from adamoe.module import TranslationModule
+
+    tmp, _ = fitted
+    model = TranslationModule.load_from_checkpoint(tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt")
+    gates = [layer.gate for layer in model.model.moe_layers()]
+    assert gates and all(type(g).__name__ == "AdaptiveGate" and g.threshold == 0.2 for g in gates)
+
+
+def test_gate_threshold_from_the_command_line(tmp_path):
+    from adamoe.cli import main
+
+    cli = main(["--config", str(tiny_config(tmp_path)), "--model.gate.init_args.threshold", "0.35"], run=False)
+    gates = [layer.gate for layer in cli.model.model.moe_layers()]
+    assert gates and all(g.threshold == 0.35 for g in gates)
+    assert cli.model.hparams.vocab_size == 300  # linked from the data config
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_config_instantiates(config, tmp_path):
+    from adamoe.cli import main
+
+    args = ["--config", str(config)]
+    if config.name != "quickstart.yaml" and config.name != "multi30k.yaml":
+        args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), *args]  # gates and presets compose with a task
+    if config.name == "multi30k.yaml":
+        args += ["--data.source.init_args.root", str(tmp_path)]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--data.cache_dir", str(tmp_path)]
+    if config.name == "ddp.yaml":
+        args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32"]
+    cli = main(args, run=False)
+    assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None

@@ -1,0 +1,154 @@
+import gzip
+import json
+
+import pytest
+import torch
+
+from adamoe.data import DataError, ParallelText, Synthetic, TableFiles, TranslationData
+from adamoe.data import tokenizer as bpe
+from adamoe.data.batching import TokenBatchSampler
+
+
+def write(path, text: str | bytes):
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def parallel(tmp_path, de="a b\nc d\n", en="x y\nz w\n", split="train"):
+    write(tmp_path / f"{split}.de", de)
+    write(tmp_path / f"{split}.en", en)
+    return ParallelText(str(tmp_path), "de", "en")
+
+
+def test_parallel_text_reads_plain_and_gz(tmp_path):
+    parallel(tmp_path)
+    with gzip.open(tmp_path / "val.de.gz", "wt") as f:
+        f.write("ä b\n")
+    with gzip.open(tmp_path / "val.en.gz", "wt") as f:
+        f.write("x\n")
+    src = ParallelText(str(tmp_path), "de", "en")
+    assert src.load("train")["target"] == ["x y", "z w"]
+    assert src.load("val")["source"] == ["ä b"]
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"train\.de: file not found"):
+        ParallelText(str(tmp_path), "de", "en").load("train")
+
+
+def test_line_count_mismatch_names_both_files_and_counts(tmp_path):
+    src = parallel(tmp_path, de="a\nb\nc\n", en="x\ny\n")
+    with pytest.raises(DataError, match=r"train\.de has 3 lines, .*train\.en has 2"):
+        src.load("train")
+
+
+def test_non_utf8_names_file_and_line(tmp_path):
+    src = parallel(tmp_path, de=b"ok\nbad \xff byte\n", en="x\ny\n")
+    with pytest.raises(DataError, match=r"train\.de:2: not valid UTF-8"):
+        src.load("train")
+
+
+def test_empty_line_on_one_side_names_file_and_line(tmp_path):
+    src = parallel(tmp_path, de="a\nb\nc\n", en="x\n  \nz\n")
+    with pytest.raises(DataError, match=r"train\.en:2: empty line"):
+        src.load("train")
+
+
+def test_empty_file(tmp_path):
+    src = parallel(tmp_path, de="", en="")
+    with pytest.raises(DataError, match=r"train\.de: empty file"):
+        src.load("train")
+
+
+def test_table_files_tsv_jsonl_and_errors(tmp_path):
+    tsv = write(tmp_path / "t.tsv", "de\ten\nhallo\thello\nwelt\tworld\n")
+    assert TableFiles(str(tsv), str(tsv), src_column="de", tgt_column="en").load("train")["target"] == ["hello", "world"]
+    jl = write(tmp_path / "t.jsonl", "".join(json.dumps({"translation": {"de": d, "en": e}}) + "\n" for d, e in [("a", "b"), ("c", "d")]))
+    assert TableFiles(str(jl), str(jl), src_column="translation.de", tgt_column="translation.en").load("val")["source"] == ["a", "c"]
+    with pytest.raises(DataError, match=r"t\.tsv: no column 'fr'; columns are \['de', 'en'\]"):
+        TableFiles(str(tsv), str(tsv), src_column="fr", tgt_column="en").load("train")
+    holes = write(tmp_path / "h.tsv", "de\ten\nhallo\thello\nwelt\t\n")
+    with pytest.raises(DataError, match=r"h\.tsv:3: column 'en' is empty"):
+        TableFiles(str(holes), str(holes), src_column="de", tgt_column="en").load("train")
+    with pytest.raises(DataError, match=r"nope\.csv: file not found"):
+        TableFiles(str(tmp_path / "nope.csv"), str(tsv)).load("train")
+
+
+def test_table_files_parquet(tmp_path):
+    import datasets
+
+    path = tmp_path / "t.parquet"
+    datasets.Dataset.from_dict({"s": ["a"], "t": ["b"]}).to_parquet(str(path))
+    assert TableFiles(str(path), str(path), src_column="s", tgt_column="t").load("train")["target"] == ["b"]
+
+
+def small_data(tmp_path, **kw):
+    args = dict(source=Synthetic(train_size=300, val_size=20, test_size=20), vocab_size=300, max_tokens=512, cache_dir=str(tmp_path / "cache"))
+    args.update(kw)
+    return TranslationData(**args)
+
+
+def test_batches_carry_indices_masks_and_shifted_targets(tmp_path):
+    dm = small_data(tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    seen = []
+    for batch in dm.train_dataloader():
+        B, T = batch["tgt_out"].shape
+        assert B * max(batch["src"].shape[1], T) <= 512
+        assert torch.equal(batch["src_pad"], batch["src"].eq(bpe.PAD_ID))
+        assert torch.all(batch["tgt_in"][:, 0] == bpe.BOS_ID)
+        real = ~batch["tgt_pad"]
+        assert torch.equal(batch["tgt_in"][:, 1:][real[:, 1:]], batch["tgt_out"][:, :-1][real[:, 1:]])
+        for row, i in zip(batch["tgt_out"], batch["index"].tolist()):
+            assert dm.decode(row.tolist()) == dm.splits["train"][i]["target"]
+        seen += batch["index"].tolist()
+    assert sorted(seen) == list(range(300))  # every sample exactly once
+
+
+def test_second_run_reuses_the_cached_tokenizer(tmp_path, monkeypatch):
+    dm = small_data(tmp_path)
+    dm.prepare_data()
+    first = dm.tokenizer_path.read_text()
+    # A second run with the tokenizer cached must not train a new one.
+    monkeypatch.setattr(bpe, "train_bpe", lambda *a, **k: pytest.fail("retrained the tokenizer"))
+    import shutil
+
+    shutil.rmtree(dm.dataset_dir)
+    dm2 = small_data(tmp_path)
+    dm2.prepare_data()
+    dm2.setup("fit")
+    assert dm2.tokenizer_path == dm.tokenizer_path and dm2.tokenizer_path.read_text() == first
+    # Another vocabulary size is another tokenizer.
+    assert small_data(tmp_path, vocab_size=280).tokenizer_path != dm.tokenizer_path
+
+
+def test_too_long_is_reported_filtered_or_truncated(tmp_path):
+    dm = small_data(tmp_path, max_source_len=8)
+    dm.prepare_data()
+    with pytest.raises(DataError, match=r"train: \d+ of 300 samples \(\d+\.\d+%\) have src_ids longer than 8"):
+        dm.setup("fit")
+    dm = small_data(tmp_path, max_source_len=8, too_long="filter")
+    dm.setup("fit")
+    assert 0 < len(dm.splits["train"]) < 300 and max(map(len, dm.splits["train"]["src_ids"])) <= 8
+    dm = small_data(tmp_path, max_source_len=8, too_long="truncate")
+    dm.setup("fit")
+    ids = dm.splits["train"]["src_ids"]
+    assert len(ids) == 300 and max(map(len, ids)) == 8 and all(s[-1] == bpe.EOS_ID for s in ids)
+
+
+def test_sharded_batches_cover_everything_with_equal_steps():
+    lengths = [(i * 7) % 23 + 1 for i in range(101)]
+    ranks = [TokenBatchSampler(lengths, max_tokens=60, shuffle=True, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    for epoch in (0, 1):
+        for s in ranks:
+            s.set_epoch(epoch)
+        per_rank = [list(s) for s in ranks]
+        assert len({len(b) for b in per_rank}) == 1
+        flat = [i for b in per_rank for batch in b for i in batch]
+        assert set(flat) == set(range(101))
+        # Only whole batches repeat, and only to even out the ranks.
+        assert len(flat) - 101 <= max(len(batch) for b in per_rank for batch in b) * 2
+    e0 = [list(s) for s in ranks]
+    ranks[0].set_epoch(5)
+    assert list(ranks[0]) != e0[0]
