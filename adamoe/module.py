@@ -161,9 +161,11 @@ class TranslationModule(LightningModule):
         self._evaluate(batch, batch_idx, self.test_loss, self.test_bleu, self.hparams.beam_size, -1)
 
     def _log_eval(self, stage, loss_metric, bleu_metric):
-        # compute() sums the metric states over all ranks: every rank takes part.
+        # compute() sums the metric states over all ranks: every rank takes part, and all
+        # get the same values (sync_dist then averages equal numbers).
         loss = loss_metric.compute()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/ppl": loss.exp(), f"{stage}/bleu": 100 * bleu_metric.compute()}, prog_bar=True)
+        values = {f"{stage}/loss": loss, f"{stage}/ppl": loss.exp(), f"{stage}/bleu": 100 * bleu_metric.compute()}
+        self.log_dict(values, prog_bar=True, sync_dist=True)
         loss_metric.reset()
         bleu_metric.reset()
 

@@ -55,9 +55,10 @@ class MetricsSummary(Callback):
             self.best = metrics
 
     def on_fit_end(self, trainer, pl_module):
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero or log_dir is None:
             return
         summary = {"final": self.last, "best": self.best, "wall_time_s": time.perf_counter() - self.start, "global_step": trainer.global_step}
-        path = Path(trainer.log_dir) / "metrics.json"
+        path = Path(log_dir) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from adamoe.data.datamodule import collate
+from adamoe.gates import AdaptiveGate, Top1Gate
+from adamoe.module import TranslationModule, WarmupInverseSqrt
+
+
+def tiny_module(**kw):
+    args = dict(vocab_size=50, d_model=16, n_heads=2, d_ff=32, num_encoder_layers=2, num_decoder_layers=2, num_experts=4, dropout=0.0)
+    args.update(kw)
+    return TranslationModule(**args)
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randint(4, 50, (n,), generator=g).tolist() + [2] for n in (5, 7, 3)]
+    return collate([0, 1, 2], src, src, ["a", "b", "c"])
+
+
+def test_inference_gate_routes_with_the_trained_routers():
+    torch.manual_seed(0)
+    m = tiny_module(gate=lambda d, e: AdaptiveGate(d, e, threshold=1.0), inference_gate=Top1Gate)
+    keys = set(m.state_dict())
+    b = batch()
+    _, train_routings = m(b)
+    with m._inference():
+        _, eval_routings = m(b)
+    _, again = m(b)
+    assert all(r.experts_per_token_T.max() == 2 for r in train_routings)
+    assert all(r.experts_per_token_T.max() == 1 for r in eval_routings)
+    assert all(r.experts_per_token_T.max() == 2 for r in again)  # the trained gates are back
+    # Top-1 picks the trained router's first choice.
+    for t, e in zip(train_routings, eval_routings):
+        first = t.expert_index_N[: t.num_tokens]
+        assert torch.equal(e.expert_index_N, first)
+    assert set(m.state_dict()) == keys  # no second copy of any router
+
+
+def test_loss_includes_aux_and_ignores_padding():
+    m = tiny_module(label_smoothing=0.0)
+    b = batch()
+    smoothed, nll, aux, ntokens, _ = m._losses(b)
+    assert ntokens == int((~b["tgt_pad"]).sum()) and aux > 0
+    assert smoothed.item() == pytest.approx(nll.item())
+
+
+def test_warmup_inverse_sqrt_schedule():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = WarmupInverseSqrt(opt, warmup_steps=4)
+    lrs = []
+    for _ in range(16):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[15] == pytest.approx((4 / 16) ** 0.5)
