@@ -4,13 +4,16 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from adamoe.callbacks import Checkpoint, MetricsSummary
+from adamoe.callbacks import Checkpoint, EpochTimer, ExpertStats, MetricsSummary, RoutingAnalysis
 from adamoe.data import TranslationData
 from adamoe.module import TranslationModule
 
 
 class AdamoeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
+        # Always on, with their own config groups: `--timer.target 2.0`, `--analysis.top_k 20`.
+        parser.add_lightning_class_args(EpochTimer, "timer")
+        parser.add_lightning_class_args(RoutingAnalysis, "analysis")
         # The vocabulary is sized by the data config; special ids are the tokenizer's.
         parser.link_arguments("data.vocab_size", "model.vocab_size")
         for name in ("pad_id", "bos_id", "eos_id"):
@@ -26,6 +29,7 @@ def main(args=None, run: bool = True) -> AdamoeCLI:
             "callbacks": [
                 Checkpoint(monitor="val/loss", mode="min", save_last=True, filename="best-{epoch}-{step}"),
                 MetricsSummary(),
+                ExpertStats(),
                 LearningRateMonitor(logging_interval="step"),
             ],
             "use_distributed_sampler": False,  # the data module shards its own batches

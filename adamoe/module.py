@@ -115,6 +115,7 @@ class TranslationModule(LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_bleu, self.test_bleu = SacreBLEUScore(), SacreBLEUScore()
         self._predictions: list[tuple[int, str]] = []
+        self.train_routings: list = []
 
     def forward(self, batch):
         return self.model(batch["src"], batch["tgt_in"], batch["src_pad"], batch["tgt_pad"])
@@ -135,6 +136,8 @@ class TranslationModule(LightningModule):
         bs = batch["src"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_dict({"train/nll": nll, "train/aux_loss": aux}, batch_size=bs)
+        # Callbacks read the routing of this forward pass instead of running another.
+        self.train_routings = routings
         return loss
 
     def _inference(self):

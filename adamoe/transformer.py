@@ -149,6 +149,22 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in (*self.encoder, *self.decoder) if isinstance(b.ffn, MoELayer)]
 
+    def forward_flops(self, src_tokens: int, tgt_tokens: int, expert_assignments: int) -> int:
+        """Forward FLOPs (2 per multiply-add) of the weight matmuls for a batch with these
+        non-padding token counts: every dense weight a token passes through, the routers,
+        and one expert FFN per routing assignment. Attention scores, which depend on
+        sequence length, are left out."""
+
+        def macs(module):
+            return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+        cross_kv = sum(macs(b.cross_attn.kv_proj) for b in self.decoder)  # runs on the source tokens
+        per_src = sum(macs(b) for b in self.encoder) + cross_kv
+        per_tgt = sum(macs(b) for b in self.decoder) - cross_kv + macs(self.output)
+        experts = self.moe_layers()
+        per_assignment = experts[0].experts.w0_EDF[0].numel() * 2 if experts else 0
+        return 2 * (src_tokens * per_src + tgt_tokens * per_tgt + expert_assignments * per_assignment)
+
     def _embed(self, tokens_BS: Tensor, start: int = 0) -> Tensor:
         pos_SD = sinusoidal_positions(start, tokens_BS.shape[1], self.d_model, tokens_BS.device)
         return self.drop(self.embed(tokens_BS) * math.sqrt(self.d_model) + pos_SD)

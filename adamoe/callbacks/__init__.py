@@ -1,3 +1,6 @@
+from adamoe.callbacks.analysis import RoutingAnalysis
 from adamoe.callbacks.run import Checkpoint, MetricsSummary
+from adamoe.callbacks.stats import ExpertStats
+from adamoe.callbacks.timing import EpochTimer
 
-__all__ = ["Checkpoint", "MetricsSummary"]
+__all__ = ["Checkpoint", "EpochTimer", "ExpertStats", "MetricsSummary", "RoutingAnalysis"]

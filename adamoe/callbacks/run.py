@@ -9,6 +9,15 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
+def update_metrics_json(log_dir, entries: dict):
+    """Merge `entries` into `<log_dir>/metrics.json`, which several callbacks write."""
+    path = Path(log_dir) / "metrics.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint that saves to `<save_dir>/<name>/checkpoints`, the same folder for
     every version of a run, so that `--ckpt_path last` finds the previous run's last.ckpt."""
@@ -59,6 +68,4 @@ class MetricsSummary(Callback):
         if not trainer.is_global_zero or log_dir is None:
             return
         summary = {"final": self.last, "best": self.best, "wall_time_s": time.perf_counter() - self.start, "global_step": trainer.global_step}
-        path = Path(log_dir) / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        update_metrics_json(log_dir, summary)

@@ -1,0 +1,122 @@
+"""Expert statistics: what the routers did, summed over steps and DDP ranks."""
+
+import torch
+from lightning.pytorch import Callback
+from torch import Tensor
+
+from adamoe.gates import Routing
+
+# Columns of a layer's count row; expert loads follow.
+TOKENS, TWO_EXPERT, ASSIGNMENTS, DROPPED, ENTROPY, AUX, STEPS = range(7)
+FIELDS = 7
+
+
+def routing_counts(routings: list[Routing]) -> Tensor:
+    """One float64 row per MoE layer: counts that add up over steps and ranks."""
+    rows = []
+    for r in routings:
+        head = torch.tensor([r.num_tokens, 0, r.token_index_N.numel(), r.dropped, 0, 0, 1], dtype=torch.float64, device=r.expert_load_E.device)
+        head[TWO_EXPERT] = (r.experts_per_token_T >= 2).sum()
+        head[ENTROPY] = r.router_entropy.detach()
+        head[AUX] = r.aux_loss.detach()
+        rows.append(torch.cat([head, r.expert_load_E.double()]))
+    return torch.stack(rows)
+
+
+def summarize(counts_LC: Tensor, names: list[str]) -> dict[str, float]:
+    """Scalars from summed counts: per layer, then for the whole model."""
+    out = {}
+    load_LE = counts_LC[:, FIELDS:]
+    for i, name in enumerate(names):
+        c, tokens = counts_LC[i], counts_LC[i, TOKENS].clamp_min(1)
+        load = load_LE[i]
+        out[f"experts/{name}/two_expert_share"] = float(c[TWO_EXPERT] / tokens)
+        out[f"experts/{name}/experts_per_token"] = float(c[ASSIGNMENTS] / tokens)
+        out[f"experts/{name}/load_imbalance"] = float(load.max() / load.mean().clamp_min(1e-12))
+        out[f"experts/{name}/router_entropy"] = float(c[ENTROPY] / tokens)
+        out[f"experts/{name}/aux_loss"] = float(c[AUX] / c[STEPS].clamp_min(1))  # mean over steps and ranks
+        out[f"experts/{name}/dropped"] = float(c[DROPPED])
+    if len(names):
+        out["experts/model/experts_per_token"] = float(counts_LC[:, ASSIGNMENTS].sum() / counts_LC[:, TOKENS].sum().clamp_min(1))
+    return out
+
+
+class ExpertStats(Callback):
+    """Per MoE layer (named like `enc.1`, `dec.3`): share of tokens on two experts, experts
+    per token, load imbalance (max/mean tokens per expert) and a histogram of tokens per
+    expert, router entropy, aux loss, and dropped assignments when a capacity is set; for
+    the whole model, experts per token and active forward FLOPs per token (dense weights
+    plus the experts actually used, see `Transformer.forward_flops`).
+
+    Logged every `trainer.log_every_n_steps` batches and once per epoch (`..._epoch`
+    tags), from counts summed over the steps and over DDP ranks: every rank joins the
+    reduction, rank 0 writes. Counts come from the routing each training step returned,
+    so a forward pass re-run for activation checkpointing, and validation, count nothing.
+    At epoch end, two figures: expert load per layer (heatmap) and the two-expert share
+    per layer (the paper's Figure 2).
+    """
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.step_counts = self.epoch_counts = None
+        self.step_tokens = self.epoch_tokens = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        counts = routing_counts(pl_module.train_routings) if pl_module.train_routings else None
+        tokens = torch.stack([(~batch["src_pad"]).sum(), (~batch["tgt_pad"]).sum()]).double()
+        self.step_counts = counts if self.step_counts is None else self.step_counts + counts
+        self.epoch_counts = counts if self.epoch_counts is None else self.epoch_counts + counts
+        self.step_tokens = self.step_tokens + tokens
+        self.epoch_tokens = self.epoch_tokens + tokens
+        self.batches += 1
+        if self.batches % trainer.log_every_n_steps == 0:
+            self._log(trainer, pl_module, self.step_counts, self.step_tokens, "")
+            self.step_counts, self.step_tokens = None, torch.zeros_like(self.step_tokens)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.batches:
+            counts = self._log(trainer, pl_module, self.epoch_counts, self.epoch_tokens, "_epoch")
+            if counts is not None and trainer.is_global_zero:
+                self._figures(trainer, pl_module.model.moe_layer_names, counts)
+
+    def _log(self, trainer, pl_module, counts, tokens, suffix):
+        model = pl_module.model
+        # Every rank reduces, also those with nothing to say: the collectives must match.
+        tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
+        if counts is not None:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        metrics = summarize(counts, model.moe_layer_names) if counts is not None else {}
+        assignments = int(counts[:, ASSIGNMENTS].sum()) if counts is not None else 0
+        src, tgt = int(tokens[0]), int(tokens[1])
+        metrics["experts/model/active_flops_per_token"] = model.forward_flops(src, tgt, assignments) / max(1, src + tgt)
+        if not any(layer.capacity_factor for layer in model.moe_layers()):
+            metrics = {k: v for k, v in metrics.items() if not k.endswith("/dropped")}
+        if trainer.is_global_zero and trainer.logger is not None:
+            trainer.logger.log_metrics({k + suffix: v for k, v in metrics.items()}, step=trainer.global_step)
+            experiment = getattr(trainer.logger, "experiment", None)
+            if counts is not None and hasattr(experiment, "add_histogram"):
+                for i, name in enumerate(model.moe_layer_names):
+                    experiment.add_histogram(f"experts/{name}/tokens_per_expert{suffix}", counts[i, FIELDS:].cpu(), trainer.global_step)
+        return counts
+
+    def _figures(self, trainer, names, counts):
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not hasattr(experiment, "add_figure"):
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        load = counts[:, FIELDS:].cpu()
+        share = (load / load.sum(1, keepdim=True).clamp_min(1)).numpy()
+        fig, ax = plt.subplots(figsize=(1 + 0.4 * load.shape[1], 1 + 0.4 * len(names)))
+        im = ax.imshow(share, cmap="viridis", aspect="auto")
+        ax.set(yticks=range(len(names)), yticklabels=names, xlabel="expert", title="share of assignments per expert")
+        fig.colorbar(im, ax=ax)
+        experiment.add_figure("experts/load_heatmap", fig, trainer.global_step)
+        two = (counts[:, TWO_EXPERT] / counts[:, TOKENS].clamp_min(1)).cpu().numpy()
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 3))
+        ax.bar(names, two)
+        ax.set(ylabel="share of tokens on two experts", ylim=(0, 1), title="two-expert share per layer")
+        experiment.add_figure("experts/two_expert_share", fig, trainer.global_step)

@@ -1,0 +1,83 @@
+"""Epoch time, throughput and time-to-target, reduced over DDP ranks."""
+
+import time
+
+import torch
+from lightning.pytorch import Callback
+
+from adamoe.callbacks.run import update_metrics_json
+
+
+class EpochTimer(Callback):
+    """Per training epoch: wall time of each rank, reduced to max and mean over ranks
+    (validation inside the epoch excluded), and throughput in non-padding source plus
+    target tokens per second (all ranks' tokens over the slowest rank's time).
+
+    Time-to-target: the wall time since the start of fit at which `monitor` first reached
+    `target` (at or below it in mode `min`), taken when the validation that reached it
+    began, i.e. the training time that produced that model, earlier validations
+    included. This is how the paper measures training time.
+
+    All of it goes to the logger and, at the end of fit, into `metrics.json`.
+    """
+
+    def __init__(self, target: float | None = None, monitor: str = "val/loss", mode: str = "min"):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.target, self.monitor, self.mode = target, monitor, mode
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fit_start = time.perf_counter()
+        self.epochs: list[dict] = []
+        self.reached: dict | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_start, self.val_time = time.perf_counter(), 0.0
+        self.tokens = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.tokens += (~batch["src_pad"]).sum() + (~batch["tgt_pad"]).sum()
+
+    def on_validation_start(self, trainer, pl_module):
+        self.val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.val_time += time.perf_counter() - self.val_start
+        value = trainer.callback_metrics.get(self.monitor)
+        if self.target is None or self.reached is not None or value is None:
+            return
+        if (float(value) <= self.target) if self.mode == "min" else (float(value) >= self.target):
+            self.reached = {"seconds": self.val_start - self.fit_start, "step": trainer.global_step, "epoch": trainer.current_epoch, "value": float(value)}
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({"time/to_target_s": self.reached["seconds"]}, step=trainer.global_step)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        seconds = torch.tensor(time.perf_counter() - self.epoch_start - self.val_time, dtype=torch.float64, device=pl_module.device)
+        per_rank = trainer.strategy.all_gather(seconds).reshape(-1)
+        tokens = float(trainer.strategy.reduce(self.tokens, reduce_op="sum"))
+        epoch = {
+            "epoch": trainer.current_epoch,
+            "max_s": float(per_rank.max()),
+            "mean_s": float(per_rank.mean()),
+            "tokens": int(tokens),
+            "tokens_per_s": tokens / max(float(per_rank.max()), 1e-9),
+        }
+        self.epochs.append(epoch)
+        if trainer.logger is not None:
+            metrics = {f"time/epoch_{k}": epoch[k] for k in ("max_s", "mean_s")}
+            metrics["time/tokens_per_s"] = epoch["tokens_per_s"]
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_fit_end(self, trainer, pl_module):
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero and log_dir is not None:
+            update_metrics_json(
+                log_dir,
+                {
+                    "epochs": self.epochs,
+                    "tokens_per_s": sum(e["tokens"] for e in self.epochs) / max(1e-9, sum(e["max_s"] for e in self.epochs)),
+                    "time_to_target": {"target": self.target, "monitor": self.monitor, **(self.reached or {"seconds": None})},
+                },
+            )

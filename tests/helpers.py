@@ -1,0 +1,51 @@
+"""Shared by the end-to-end tests: a tiny run config and a train.py runner."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+def tiny_config(tmp: Path) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": 6,
+            "val_check_interval": 3,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp / "logs"), "name": "tiny"}},
+        },
+        "model": {
+            "d_model": 32, "n_heads": 2, "d_ff": 64, "num_encoder_layers": 2, "num_decoder_layers": 2, "num_experts": 4,
+            "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+            "max_decode_len": 20, "beam_size": 2, "predict_output": str(tmp / "pred.txt"),
+        },
+        "data": {
+            "source": {"class_path": "adamoe.data.Synthetic", "init_args": {"train_size": 200, "val_size": 16, "test_size": 12}},
+            "vocab_size": 300, "max_tokens": 400, "cache_dir": str(tmp / "cache"),
+        },
+    }  # fmt: skip
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def scalars(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}

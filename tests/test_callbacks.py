@@ -1,0 +1,76 @@
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from adamoe.callbacks.analysis import count_words, words_of
+from adamoe.callbacks.stats import routing_counts, summarize
+from adamoe.gates import Routing
+
+
+def routing(experts_per_token, load, entropy, aux, dropped=0):
+    ept = torch.tensor(experts_per_token)
+    n = int(ept.sum())
+    return Routing(
+        token_index_N=torch.zeros(n, dtype=torch.long),
+        expert_index_N=torch.zeros(n, dtype=torch.long),
+        weight_N=torch.ones(n),
+        experts_per_token_T=ept,
+        expert_load_E=torch.tensor(load),
+        aux_loss=torch.tensor(aux),
+        router_entropy=torch.tensor(entropy),
+        num_tokens=int((ept > 0).sum()),
+        dropped=dropped,
+    )
+
+
+def test_stats_are_exact_on_hand_built_routing():
+    # Layer a, step 1: 4 real tokens (one pad), 2 on two experts -> 6 assignments, loads [3, 1, 2].
+    # Layer a, step 2: 2 tokens, 1 on two experts -> 3 assignments, loads [0, 2, 1].
+    # Layer b, both steps: 3 tokens each on one expert, loads [1, 1, 1], 2 dropped in step 2.
+    step1 = [routing([2, 1, 0, 2, 1], [3, 1, 2], entropy=2.0, aux=0.5), routing([1, 1, 1], [1, 1, 1], 1.5, 0.25)]
+    step2 = [routing([1, 2], [0, 2, 1], entropy=1.0, aux=0.3), routing([1, 1, 1], [1, 1, 1], 0.0, 0.75, dropped=2)]
+    counts = routing_counts(step1) + routing_counts(step2)
+    s = summarize(counts, ["enc.1", "dec.1"])
+    assert s["experts/enc.1/two_expert_share"] == pytest.approx(3 / 6)
+    assert s["experts/enc.1/experts_per_token"] == pytest.approx(9 / 6)
+    assert s["experts/enc.1/load_imbalance"] == pytest.approx(3 / 3)  # loads [3, 3, 3]
+    assert s["experts/enc.1/router_entropy"] == pytest.approx(3.0 / 6)
+    assert s["experts/enc.1/aux_loss"] == pytest.approx(0.4)
+    assert s["experts/dec.1/two_expert_share"] == 0 and s["experts/dec.1/experts_per_token"] == 1
+    assert s["experts/dec.1/load_imbalance"] == pytest.approx(1.0)
+    assert s["experts/dec.1/dropped"] == 2 and s["experts/dec.1/aux_loss"] == pytest.approx(0.5)
+    assert s["experts/model/experts_per_token"] == pytest.approx((9 + 6) / (6 + 6))
+    assert counts[0, 7:].tolist() == [3, 3, 3]
+    unbalanced = summarize(routing_counts(step1), ["enc.1", "dec.1"])
+    assert unbalanced["experts/enc.1/load_imbalance"] == pytest.approx(3 / 2)  # loads [3, 1, 2]
+
+
+def test_bpe_pieces_merge_into_words():
+    pieces = ["<s>", "\u2581the", "\u2581ca", "t", "s", "\u2581sat", "</s>", "<pad>"]
+    assert words_of(pieces) == [-1, 0, 1, 1, 1, 2, -1, -1]
+    vocab = {i: p for i, p in enumerate(pieces)}
+    tokens = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 5, 2, 3, 6, 7, 7]])
+    two = torch.tensor([[0, 0, 0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    seen, twice = count_words(tokens, two, vocab.get)
+    assert seen == {"the": 2, "cats": 1, "sat": 2, "cat": 1}
+    assert twice == {"cats": 1, "the": 1, "sat": 0, "cat": 0}
+
+
+def test_forward_flops_match_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adamoe.gates import AdaptiveGate
+    from adamoe.transformer import Transformer
+
+    torch.manual_seed(0)
+    m = Transformer(40, 0, 16, 2, 32, 2, 2, 4, 2, lambda d, e: AdaptiveGate(d, e, threshold=0.3), dropout=0.0)
+    src, tgt = torch.randint(3, 40, (3, 7)), torch.randint(3, 40, (3, 5))
+    with FlopCounterMode(display=False) as counter:
+        _, routings = m(src, tgt)
+    counted = counter.get_flop_counts()["Global"]
+    matmuls = sum(v for op, v in counted.items() if "mm" in str(op))
+    assignments = sum(r.token_index_N.numel() for r in routings)
+    assert m.forward_flops(src.numel(), tgt.numel(), assignments) == matmuls

@@ -1,0 +1,89 @@
+"""Two CPU processes (gloo) through train.py: statistics and metrics add up across ranks."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from helpers import scalars, tiny_config, train
+
+from adamoe.data import TranslationData
+from adamoe.data.batching import TokenBatchSampler
+from adamoe.data.datamodule import collate
+from adamoe.data.sources import Synthetic
+from adamoe.module import TranslationModule
+
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", 2, "--trainer.accelerator", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg = tiny_config(tmp)
+    # lr 0 keeps the weights of the checkpoint equal to those every logged step used,
+    # so the test can recount each rank's routing on its own.
+    train("fit", "--config", cfg, *DDP, "--model.optimizer.lr", 0.0, "--model.dropout", 0.0, "--timer.target", 100.0, "--analysis.min_count", 2, cwd=tmp)
+    return tmp, cfg
+
+
+def test_logged_expert_counts_are_the_sum_over_ranks(ddp_run):
+    tmp, cfg = ddp_run
+    run = tmp / "logs" / "tiny" / "version_0"
+    model = TranslationModule.load_from_checkpoint(tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt").train()
+    data_cfg = yaml.safe_load(cfg.read_text())["data"]
+    dm = TranslationData(Synthetic(**data_cfg["source"]["init_args"]), data_cfg["vocab_size"], data_cfg["max_tokens"], cache_dir=data_cfg["cache_dir"])
+    dm.setup("fit")
+    ds = dm.splits["train"]
+    lengths = [max(len(s), len(t)) for s, t in zip(ds["src_ids"], ds["tgt_ids"])]
+    tokens, two, load = 0, 0, 0
+    with torch.no_grad():
+        for rank in (0, 1):
+            first = next(iter(TokenBatchSampler(lengths, dm.max_tokens, None, True, dm.seed, 2, rank)))
+            batch = collate(first, ds["src_ids"], ds["tgt_ids"], ds["target"])
+            _, routings = model(batch)
+            enc = routings[0]  # enc.1
+            tokens += enc.num_tokens
+            two += int((enc.experts_per_token_T >= 2).sum())
+            load = load + enc.expert_load_E
+    logged = dict(scalars(run)["experts/enc.1/two_expert_share"])
+    assert logged[1] == pytest.approx(two / tokens, rel=1e-6)
+    assert dict(scalars(run)["experts/enc.1/load_imbalance"])[1] == pytest.approx((load.max() / load.float().mean()).item(), rel=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run), size_guidance={"histograms": 0, "images": 0})
+    ea.Reload()
+    hist = next(h.histogram_value for h in ea.Histograms("experts/enc.1/tokens_per_expert") if h.step == 1)
+    assert (hist.sum, hist.min, hist.max) == (float(load.sum()), float(load.min()), float(load.max()))
+    assert {"experts/load_heatmap", "experts/two_expert_share"} <= set(ea.Tags()["images"])
+
+
+def test_epoch_time_throughput_and_time_to_target(ddp_run):
+    tmp, _ = ddp_run
+    metrics = json.loads((tmp / "logs" / "tiny" / "version_0" / "metrics.json").read_text())
+    for epoch in metrics["epochs"]:
+        assert epoch["max_s"] >= epoch["mean_s"] > 0
+    assert metrics["tokens_per_s"] > 0
+    assert metrics["time_to_target"]["seconds"] > 0 and metrics["time_to_target"]["step"] == 3  # the first validation
+    assert metrics["global_step"] == 6
+
+
+def test_routing_analysis_lists_whole_words(ddp_run):
+    tmp, cfg = ddp_run
+    rows = list(csv.DictReader(open(tmp / "logs" / "tiny" / "version_0" / "routing_words.tsv"), delimiter="\t"))
+    dm = TranslationData(Synthetic(**yaml.safe_load(cfg.read_text())["data"]["source"]["init_args"]), 300, cache_dir=str(tmp / "cache"))
+    dm.setup("validate")
+    words = {w for col in ("source", "target") for line in dm.splits["val"][col] for w in line.split()}
+    assert rows and {r["layer"] for r in rows} == {"enc.1", "dec.1"}
+    assert all(r["word"] in words for r in rows)
+    assert all(int(r["count"]) >= 2 and 0 <= float(r["two_expert_share"]) <= 1 for r in rows)
+
+
+def test_validation_metrics_match_a_single_process(ddp_run):
+    tmp, cfg = ddp_run
+    ckpt = tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt"
+    train("validate", "--config", cfg, "--ckpt_path", ckpt, *DDP, cwd=tmp)
+    train("validate", "--config", cfg, "--ckpt_path", ckpt, "--trainer.devices", 1, "--trainer.accelerator", "cpu", cwd=tmp)
+    two, one = (scalars(tmp / "logs" / "tiny" / f"version_{v}") for v in (1, 2))
+    for tag in ("val/loss", "val/bleu"):
+        assert two[tag][-1][1] == pytest.approx(one[tag][-1][1], rel=1e-5, abs=1e-6)
