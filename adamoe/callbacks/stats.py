@@ -56,6 +56,9 @@ class ExpertStats(Callback):
     per layer (the paper's Figure 2).
     """
 
+    def on_fit_start(self, trainer, pl_module):
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts no epoch
+
     def on_train_epoch_start(self, trainer, pl_module):
         self.step_counts = self.epoch_counts = None
         self.step_tokens = self.epoch_tokens = torch.zeros(2, dtype=torch.float64, device=pl_module.device)

@@ -30,6 +30,7 @@ class EpochTimer(Callback):
         self.fit_start = time.perf_counter()
         self.epochs: list[dict] = []
         self.reached: dict | None = None
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts no epoch
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.epoch_start, self.val_time = time.perf_counter(), 0.0
