@@ -4,7 +4,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from adamoe.callbacks import Checkpoint, EpochTimer, ExpertStats, MetricsSummary, RoutingAnalysis
+from adamoe.callbacks import Checkpoint, Curriculum, EpochTimer, ExpertStats, MetricsSummary, RoutingAnalysis
 from adamoe.data import TranslationData
 from adamoe.module import TranslationModule
 
@@ -30,6 +30,7 @@ def main(args=None, run: bool = True) -> AdamoeCLI:
                 Checkpoint(monitor="val/loss", mode="min", save_last=True, filename="best-{epoch}-{step}"),
                 MetricsSummary(),
                 ExpertStats(),
+                Curriculum(),
                 LearningRateMonitor(logging_interval="step"),
             ],
             "use_distributed_sampler": False,  # the data module shards its own batches

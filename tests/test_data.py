@@ -6,7 +6,7 @@ import torch
 
 from adamoe.data import DataError, ParallelText, Synthetic, TableFiles, TranslationData
 from adamoe.data import tokenizer as bpe
-from adamoe.data.batching import TokenBatchSampler
+from adamoe.data.batching import ShardedBatchSampler
 
 
 def write(path, text: str | bytes):
@@ -137,18 +137,34 @@ def test_too_long_is_reported_filtered_or_truncated(tmp_path):
     assert len(ids) == 300 and max(map(len, ids)) == 8 and all(s[-1] == bpe.EOS_ID for s in ids)
 
 
-def test_sharded_batches_cover_everything_with_equal_steps():
+@pytest.mark.parametrize("order", ["length", "random", "sorted"])
+def test_sharded_batches_cover_every_sample_once_with_equal_steps(order):
     lengths = [(i * 7) % 23 + 1 for i in range(101)]
-    ranks = [TokenBatchSampler(lengths, max_tokens=60, shuffle=True, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    ranks = [ShardedBatchSampler(lengths, max_tokens=60, order=order, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    epochs = []
     for epoch in (0, 1):
         for s in ranks:
             s.set_epoch(epoch)
         per_rank = [list(s) for s in ranks]
-        assert len({len(b) for b in per_rank}) == 1
-        flat = [i for b in per_rank for batch in b for i in batch]
-        assert set(flat) == set(range(101))
-        # Only whole batches repeat, and only to even out the ranks.
-        assert len(flat) - 101 <= max(len(batch) for b in per_rank for batch in b) * 2
-    e0 = [list(s) for s in ranks]
-    ranks[0].set_epoch(5)
-    assert list(ranks[0]) != e0[0]
+        assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == len(ranks[0])
+        flat = sorted(i for b in per_rank for batch in b for i in batch)
+        assert flat == list(range(101))
+        for b in per_rank:
+            assert all(batch and max(lengths[i] for i in batch) * len(batch) <= 60 for batch in b)
+        epochs.append(per_rank)
+    assert (epochs[0] == epochs[1]) == (order == "sorted")
+
+
+def test_none_is_a_seeded_shuffle_that_changes_every_epoch():
+    lengths = [5] * 40
+    a, b = ShardedBatchSampler(lengths, batch_size=8, order="random", seed=1), ShardedBatchSampler(lengths, batch_size=8, order="random", seed=1)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first and sorted(i for x in a for i in x) == list(range(40))
+    assert list(ShardedBatchSampler(lengths, batch_size=8, order="random", seed=2)) != first
+    # `none` in the data module is the length-bucketed shuffle, also new every epoch.
+    c = ShardedBatchSampler([(i % 7) + 1 for i in range(40)], max_tokens=16, order="length", seed=1)
+    e0 = list(c)
+    c.set_epoch(1)
+    assert list(c) != e0

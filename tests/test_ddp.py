@@ -9,7 +9,7 @@ import yaml
 from helpers import scalars, tiny_config, train
 
 from adamoe.data import TranslationData
-from adamoe.data.batching import TokenBatchSampler
+from adamoe.data.batching import ShardedBatchSampler
 from adamoe.data.datamodule import collate
 from adamoe.data.sources import Synthetic
 from adamoe.module import TranslationModule
@@ -39,7 +39,7 @@ def test_logged_expert_counts_are_the_sum_over_ranks(ddp_run):
     tokens, two, load = 0, 0, 0
     with torch.no_grad():
         for rank in (0, 1):
-            first = next(iter(TokenBatchSampler(lengths, dm.max_tokens, None, True, dm.seed, 2, rank)))
+            first = next(iter(ShardedBatchSampler(lengths, dm.max_tokens, None, "length", dm.seed, 2, rank)))
             batch = collate(first, ds["src_ids"], ds["tgt_ids"], ds["target"])
             _, routings = model(batch)
             enc = routings[0]  # enc.1

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from adamoe.data import tokenizer as bpe
-from adamoe.data.batching import TokenBatchSampler
+from adamoe.data.batching import ShardedBatchSampler
 from adamoe.data.sources import SPLITS, DataError, DataSource, Synthetic, digest
 
 CACHE_VERSION = "1"
@@ -24,6 +24,11 @@ class TranslationData(LightningDataModule):
     `tgt_in` starts with <s>, `tgt_out` ends with </s>), their padding masks `src_pad` and
     `tgt_pad` (True at padding), the dataset `index` of each sample, and the reference
     strings `target` for BLEU.
+
+    Training batches follow `curriculum`: `none` is length-bucketed shuffled batches (least
+    padding), `random` a plain seeded shuffle, `paper` the curriculum of Li et al. (2023)
+    from the routing of the previous epoch (first epoch: `random`), `reverse` the same
+    order backwards. See `adamoe.data.batching`; the `Curriculum` callback feeds it.
 
     Sequences longer than `max_source_len`/`max_target_len` tokens (</s> included) are
     reported per split, then handled by `too_long`: `error` stops with the count, `filter`
@@ -39,6 +44,7 @@ class TranslationData(LightningDataModule):
         max_source_len: int = 256,
         max_target_len: int = 256,
         too_long: Literal["error", "filter", "truncate"] = "error",
+        curriculum: Literal["none", "random", "paper", "reverse"] = "none",
         predict_split: Literal["train", "val", "test"] = "test",
         cache_dir: str = "data",
         num_workers: int = 0,
@@ -52,12 +58,14 @@ class TranslationData(LightningDataModule):
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.max_len = {"src_ids": max_source_len, "tgt_ids": max_target_len}
         self.too_long = too_long
+        self.curriculum = curriculum
         self.predict_split = predict_split
         self.cache_dir = Path(cache_dir)
         self.num_workers = num_workers
         self.seed = seed
         self.tokenizer = None
         self.splits: dict[str, datasets.Dataset] = {}
+        self.train_sampler: ShardedBatchSampler | None = None
 
     # Ids fixed by the tokenizer's special tokens; the CLI links them into the model.
     pad_id, bos_id, eos_id = bpe.PAD_ID, bpe.BOS_ID, bpe.EOS_ID
@@ -102,6 +110,23 @@ class TranslationData(LightningDataModule):
         for split in SPLITS:
             if split not in self.splits and (self.dataset_dir / split).exists():
                 self.splits[split] = self._limit_lengths(split, datasets.load_from_disk(str(self.dataset_dir / split)))
+        if self.train_sampler is None:
+            order = {"none": "length"}.get(self.curriculum, self.curriculum)
+            self.train_sampler = self._sampler("train", order)
+
+    def state_dict(self):
+        return {"train_sampler": self.train_sampler.state_dict()} if self.train_sampler else {}
+
+    def load_state_dict(self, state):
+        if "train_sampler" in state:
+            self.train_sampler.load_state_dict(state["train_sampler"])
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        # Called once per batch that training actually takes, after any prefetching: the
+        # count a resumed run skips.
+        if self.trainer is not None and self.trainer.training:
+            self.train_sampler.consumed += 1
+        return batch
 
     def _limit_lengths(self, split: str, ds: datasets.Dataset) -> datasets.Dataset:
         for col, limit in self.max_len.items():
@@ -122,13 +147,15 @@ class TranslationData(LightningDataModule):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _sampler(self, split: str, order: str) -> ShardedBatchSampler:
+        ds = self.splits[split]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        lengths = [max(len(s), len(t)) for s, t in zip(ds["src_ids"], ds["tgt_ids"])]
+        return ShardedBatchSampler(lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank)
+
+    def _loader(self, split: str, sampler: ShardedBatchSampler) -> DataLoader:
         ds = self.splits[split]
         src, tgt, ref = ds["src_ids"], ds["tgt_ids"], ds["target"]
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = TokenBatchSampler(
-            [max(len(s), len(t)) for s, t in zip(src, tgt)], self.max_tokens, self.batch_size, shuffle, self.seed, world, rank
-        )
         return DataLoader(
             range(len(ds)),
             batch_sampler=sampler,
@@ -137,18 +164,18 @@ class TranslationData(LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True)
+        return self._loader("train", self.train_sampler)
 
     def val_dataloader(self):
-        return self._loader("val", shuffle=False)
+        return self._loader("val", self._sampler("val", "sorted"))
 
     def test_dataloader(self):
         if "test" not in self.splits:
             raise DataError("the data source has no test split")
-        return self._loader("test", shuffle=False)
+        return self._loader("test", self._sampler("test", "sorted"))
 
     def predict_dataloader(self):
-        return self._loader(self.predict_split, shuffle=False)
+        return self._loader(self.predict_split, self._sampler(self.predict_split, "sorted"))
 
 
 def _pad(seqs: list[list[int]]) -> torch.Tensor:

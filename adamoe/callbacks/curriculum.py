@@ -1,0 +1,94 @@
+"""Feeds the data module's curriculum with routing complexity and shows what the order does."""
+
+import torch
+from lightning.pytorch import Callback
+
+from adamoe.data.batching import spearman
+
+
+class Curriculum(Callback):
+    """Records each training sample's routing complexity (eq. 5) from the routing the
+    training step already returned, into the data module's batch sampler; at epoch end
+    sums it over ranks, so every rank orders the next epoch from the same full table.
+
+    Logs per epoch:
+    - `curriculum/spearman`: rank correlation of position in the epoch's order with the
+      two-expert share each sample then had;
+    - `curriculum/within_batch_std` and `..._random`: mean over global batches of the std
+      of that share within a batch, for this order and for the same batch sizes drawn at
+      random;
+    - `curriculum/ep_cost`: simulated expert-parallel cost, the sum over steps and MoE
+      layers of the most assignments any one of `ep_ranks` groups of E/ep_ranks experts
+      received (all ranks' tokens together): the wait for the slowest GPU when experts
+      are spread over `ep_ranks` GPUs.
+    """
+
+    def __init__(self, ep_ranks: int = 8):
+        self.ep_ranks = ep_ranks
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.loads = []
+
+    on_fit_start = on_train_epoch_start  # a run resumed mid-epoch starts no epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        routings = pl_module.train_routings
+        if not routings:
+            return
+        names = pl_module.model.moe_layer_names
+        n_enc = sum(n.startswith("enc.") for n in names)
+        B = batch["src"].shape[0]
+        real = ((~batch["src_pad"]).sum(1), (~batch["tgt_pad"]).sum(1))
+        two_BL = torch.stack([r.two_expert_counts(B) for r in routings], 1)
+        tokens_BL = torch.stack([real[0] if i < n_enc else real[1] for i in range(len(routings))], 1)
+        trainer.datamodule.train_sampler.record(batch["index"], two_BL, tokens_BL)
+        self.loads.append(torch.stack([r.expert_load_E for r in routings]).double())
+
+    def state_dict(self):
+        # Runs on every rank while a checkpoint is made, before the data module's state.
+        trainer = self._trainer
+        if trainer is not None and trainer.datamodule is not None and trainer.datamodule.train_sampler is not None:
+            trainer.datamodule.train_sampler.sync_partial(lambda t: self._reduce(trainer, t))
+        return {}
+
+    def setup(self, trainer, pl_module, stage):
+        self._trainer = trainer
+
+    @staticmethod
+    def _reduce(trainer, t: torch.Tensor) -> torch.Tensor:
+        device = trainer.strategy.root_device
+        return trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        sampler = trainer.datamodule.train_sampler
+        plan = sampler.global_batches()
+        summed = sampler.end_epoch(lambda t: self._reduce(trainer, t))
+        metrics = {}
+        if self.loads:
+            loads_SLE = self._reduce(trainer, torch.stack(self.loads))
+            E = loads_SLE.shape[-1]
+            groups = min(self.ep_ranks, E)
+            if E % groups == 0:
+                metrics["curriculum/ep_cost"] = float(loads_SLE.view(*loads_SLE.shape[:2], groups, -1).sum(-1).amax(-1).sum())
+        if summed is not None:
+            two, tokens = summed
+            share_N = two.sum(1) / tokens.sum(1).clamp_min(1)
+            order = torch.tensor([i for b in plan for i in b])
+            seen = tokens.sum(1)[order] > 0
+            metrics["curriculum/spearman"] = spearman(torch.arange(order.numel())[seen].double(), share_N[order][seen])
+            metrics["curriculum/within_batch_std"] = _mean_std(share_N, plan)
+            g = torch.Generator().manual_seed(sampler.seed + sampler.epoch)
+            shuffled = order[torch.randperm(order.numel(), generator=g)].tolist()
+            sizes, start, random_plan = [len(b) for b in plan], 0, []
+            for n in sizes:
+                random_plan.append(shuffled[start : start + n])
+                start += n
+            metrics["curriculum/within_batch_std_random"] = _mean_std(share_N, random_plan)
+        if metrics and trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        self.last_metrics = metrics
+
+
+def _mean_std(share_N: torch.Tensor, batches: list[list[int]]) -> float:
+    stds = [share_N[b].std(unbiased=False) for b in batches if len(b) > 1]
+    return float(torch.stack(stds).mean()) if stds else 0.0
