@@ -87,3 +87,23 @@ def test_validation_metrics_match_a_single_process(ddp_run):
     two, one = (scalars(tmp / "logs" / "tiny" / f"version_{v}") for v in (1, 2))
     for tag in ("val/loss", "val/bleu"):
         assert two[tag][-1][1] == pytest.approx(one[tag][-1][1], rel=1e-5, abs=1e-6)
+
+
+def test_curriculum_under_ddp_keeps_one_full_table(tmp_path):
+    cfg = tiny_config(tmp_path)
+    train("fit", "--config", cfg, *DDP, "--data.curriculum", "paper", "--trainer.max_steps", -1, "--trainer.max_epochs", 2,
+          "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # fmt: skip
+    table = torch.load(tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)["TranslationData"]["train_sampler"]
+    assert table["epoch"] == 1 and table["order"] == "paper"
+    dm = TranslationData(Synthetic(200, 16, 12), 300, cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    src_len = torch.tensor([float(len(s)) for s in dm.splits["train"]["src_ids"]])
+    # Rank 0's checkpoint holds both ranks' counts, each sample once (the epoch-end checkpoint
+    # may come before or after the counts become the table).
+    counted = table["epoch_tokens_NL"] + table.get("tokens_NL", 0) * (table["epoch_tokens_NL"].sum() == 0)
+    assert torch.equal(counted[:, 0], src_len)
+    logged = scalars(tmp_path / "logs" / "tiny" / "version_0")
+    for tag in ("curriculum/spearman", "curriculum/within_batch_std", "curriculum/within_batch_std_random", "curriculum/ep_cost"):
+        assert len(logged[tag]) == 2
+    assert all(-1 <= v <= 1 for _, v in logged["curriculum/spearman"])
+    assert all(v > 0 for tag in ("curriculum/within_batch_std", "curriculum/within_batch_std_random", "curriculum/ep_cost") for _, v in logged[tag])

@@ -28,6 +28,12 @@ class Curriculum(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.loads = []
+        # Ranks that disagree on the order would silently train on overlapping shards.
+        plan = trainer.datamodule.train_sampler.global_batches()
+        checksum = torch.tensor([float(sum((p + 1) * i for p, i in enumerate(i for b in plan for i in b)) % 1_000_003)])
+        sums = trainer.strategy.all_gather(checksum.to(trainer.strategy.root_device)).reshape(-1)
+        if not torch.all(sums == sums[0]):
+            raise RuntimeError(f"ranks computed different batch orders for epoch {trainer.current_epoch}: checksums {sums.tolist()}")
 
     on_fit_start = on_train_epoch_start  # a run resumed mid-epoch starts no epoch
 

@@ -152,9 +152,10 @@ class ShardedBatchSampler(Sampler[list[int]]):
         if self.epoch_two_NL is None:
             shape = (len(self.lengths), two_BL.shape[1])
             self.epoch_two_NL, self.epoch_tokens_NL = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+        # Added, not assigned: a sample seen twice in an epoch would show as double counts.
         index = index_B.cpu()
-        self.epoch_two_NL[index] = two_BL.double().cpu()
-        self.epoch_tokens_NL[index] = tokens_BL.double().cpu()
+        self.epoch_two_NL.index_add_(0, index, two_BL.double().cpu())
+        self.epoch_tokens_NL.index_add_(0, index, tokens_BL.double().cpu())
 
     def sync_partial(self, reduce):
         """Before a checkpoint: rank 0 takes every rank's counts of this epoch so far (every
@@ -173,11 +174,11 @@ class ShardedBatchSampler(Sampler[list[int]]):
         the table that orders the next epoch. Returns the summed (two, tokens) tables."""
         if self.epoch_two_NL is None:
             return None
-        two, tokens = reduce(self.epoch_two_NL), reduce(self.epoch_tokens_NL)
-        self.two_NL, self.tokens_NL = two.clone(), tokens.clone()
+        # `reduce` may work in place: copy before zeroing the running counts.
+        self.two_NL, self.tokens_NL = reduce(self.epoch_two_NL).clone(), reduce(self.epoch_tokens_NL).clone()
         self.epoch_two_NL.zero_()
         self.epoch_tokens_NL.zero_()
-        return two, tokens
+        return self.two_NL, self.tokens_NL
 
     def state_dict(self) -> dict:
         return {
