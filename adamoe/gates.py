@@ -25,6 +25,8 @@ class Routing:
     router_entropy: Tensor  # scalar, summed over non-padding tokens (detached)
     num_tokens: int  # non-padding tokens
     dropped: int = 0  # assignments removed by a capacity limit
+    ep_received: int = 0  # with expert parallelism: assignments this rank's experts processed
+    ep_bytes: int = 0  # with expert parallelism: bytes this rank sent to other ranks, both ways
 
     def two_expert_counts(self, batch_size: int) -> Tensor:
         """Per-sequence count of tokens on two or more experts, shape [B] (eq. 5 numerator)."""

@@ -2,12 +2,15 @@
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adamoe.gates import Gate, Routing
+from adamoe.parallel import parallel_dispatch
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -88,6 +91,11 @@ class Experts(nn.Module):
             bound = 1 / math.sqrt(w.shape[1])
             nn.init.uniform_(w, -bound, bound)
 
+    def shard(self, start: int, count: int):
+        """Keep experts [start, start + count) only."""
+        self.w0_EDF = nn.Parameter(self.w0_EDF.detach()[start : start + count].clone())
+        self.w1_EFD = nn.Parameter(self.w1_EFD.detach()[start : start + count].clone())
+
     def forward(self, x_TD: Tensor, token_N: Tensor, weight_N: Tensor, tokens_per_expert_E: list[int]) -> Tensor:
         """Weighted sum of expert outputs per token; assignments sorted by expert."""
         device = x_TD.device.type
@@ -130,6 +138,16 @@ class MoELayer(nn.Module):
         self.experts = Experts(d_model, d_ff, num_experts, ACTIVATIONS[activation])
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
+        self.ep_group = None
+
+    def shard(self, group=None):
+        """Expert parallelism: keep this rank's E/W experts; tokens reach them by all-to-all."""
+        W, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.num_experts % W:
+            raise ValueError(f"expert parallelism needs num_experts ({self.num_experts}) divisible by the {W} ranks")
+        local = self.num_experts // W
+        self.experts.shard(rank * local, local)
+        self.ep_group = group if group is not None else dist.group.WORLD
 
     def forward(self, x_BSD: Tensor, padding_mask_BS: Tensor | None = None) -> tuple[Tensor, Routing]:
         B, S, D = x_BSD.shape
@@ -138,9 +156,14 @@ class MoELayer(nn.Module):
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * routing.token_index_N.numel() / self.num_experts)
             routing = routing.with_capacity(capacity)
-        return self.dispatch(x_TD, routing).view(B, S, D), routing
+        y_TD, routing = self.dispatch(x_TD, routing)
+        return y_TD.view(B, S, D), routing
 
-    def dispatch(self, x_TD: Tensor, routing: Routing) -> Tensor:
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Routing]:
         """Sort assignments by expert; the experts gather, compute and scatter-add back."""
         order_N = torch.argsort(routing.expert_index_N, stable=True)
-        return self.experts(x_TD, routing.token_index_N[order_N], routing.weight_N[order_N], routing.expert_load_E.tolist())
+        token_N, weight_N = routing.token_index_N[order_N], routing.weight_N[order_N]
+        if self.ep_group is None:
+            return self.experts(x_TD, token_N, weight_N, routing.expert_load_E.tolist()), routing
+        y_TD, received, sent = parallel_dispatch(self.experts, x_TD, token_N, weight_N, routing.expert_load_E, self.ep_group)
+        return y_TD, replace(routing, ep_received=received, ep_bytes=sent)

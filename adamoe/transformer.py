@@ -4,6 +4,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -149,6 +150,19 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in (*self.encoder, *self.decoder) if isinstance(b.ffn, MoELayer)]
 
+    def _ep_group(self):
+        return next((layer.ep_group for layer in self.moe_layers() if layer.ep_group is not None), None)
+
+    def _all_ranks(self, value: int, op) -> int:
+        """With expert parallelism every rank's decoder must take the same steps, so the
+        step count and the stop decision are agreed over the ranks."""
+        group = self._ep_group()
+        if group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=op, group=group)
+        return int(t)
+
     def forward_flops(self, src_tokens: int, tgt_tokens: int, expert_assignments: int) -> int:
         """Forward FLOPs (2 per multiply-add) of the weight matmuls for a batch with these
         non-padding token counts: every dense weight a token passes through, the routers,
@@ -219,7 +233,9 @@ class Transformer(nn.Module):
         scores[:, 1:] = float("-inf")  # all beams start identical: keep one alive
         done = torch.zeros(B * K, dtype=torch.bool, device=src_BS.device)
         cache = [{} for _ in self.decoder] if use_cache else None
-        for t in range(max_len):
+        for t in range(self._all_ranks(max_len, dist.ReduceOp.MAX)):
+            if t >= max_len:  # only keeping other ranks company: freeze every beam
+                done = torch.ones_like(done)
             if use_cache:
                 logits, _ = self.decode(ys[:, -1:], memory, src_pad, cache=cache, start=t)
             else:
@@ -236,9 +252,9 @@ class Transformer(nn.Module):
             if cache is not None:
                 for c in cache:
                     c["k"], c["v"] = c["k"][rows], c["v"][rows]
-            if done.all():
+            if self._all_ranks(int(done.all()), dist.ReduceOp.MIN):
                 break
-        out = ys[:, 1:]
+        out = ys[:, 1 : max_len + 1]
         lengths = out.ne(self.pad_id).sum(1).clamp_min(1).view(B, K).float()
         best = (scores / lengths**length_penalty).argmax(-1)
         return out.view(B, K, -1)[torch.arange(B, device=out.device), best]
