@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from torch.nn.parallel import DistributedDataParallel
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
@@ -65,6 +66,13 @@ class TranslationModule(LightningModule):
 
     `inference_gate`, when set, routes validation, test and predict with another rule
     over the same trained routers, e.g. top-1 routing for an adaptively trained model.
+
+    `expert_parallel`: under DDP with W ranks, each rank holds E/W experts of every MoE
+    layer and tokens travel to them by all-to-all (`adamoe.parallel`). Dense weights stay
+    data-parallel; expert weights are left out of DDP's all-reduce, and their gradients,
+    which already sum every rank's tokens, are divided by W to match DDP's mean.
+    Checkpoints always hold all E experts (and their optimizer state), so a run saved
+    with W ranks resumes with any W that divides E, or on one device.
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class TranslationModule(LightningModule):
         beam_size: int = 4,
         length_penalty: float = 1.0,
         predict_output: str = "predictions.txt",
+        expert_parallel: bool = False,
     ):
         super().__init__()
         # Under LightningCLI this stores the config (gates and optimizer as class paths), so
@@ -116,6 +125,61 @@ class TranslationModule(LightningModule):
         self.val_bleu, self.test_bleu = SacreBLEUScore(), SacreBLEUScore()
         self._predictions: list[tuple[int, str]] = []
         self.train_routings: list = []
+
+    def _expert_params(self) -> list[bool]:
+        """For each parameter, in `self.parameters()` order: is it an expert weight?"""
+        experts = {id(p) for layer in self.model.moe_layers() for p in layer.experts.parameters()}
+        return [id(p) in experts for p in self.parameters()]
+
+    def _ep_world(self) -> int:
+        return dist.get_world_size() if self.hparams.expert_parallel and dist.is_available() and dist.is_initialized() else 1
+
+    def configure_model(self):
+        W = self._ep_world()
+        if W == 1 or any(layer.ep_group is not None for layer in self.model.moe_layers()):
+            return
+        for layer in self.model.moe_layers():
+            layer.shard()
+            for p in layer.experts.parameters():
+                p.register_hook(lambda g: g / W)
+        names = [n for n, p in self.named_parameters() if any(p is q for layer in self.model.moe_layers() for q in layer.experts.parameters())]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+
+    def on_save_checkpoint(self, checkpoint):
+        """Every rank runs this while a checkpoint is made: gather the expert shards."""
+        W = self._ep_world()
+        if W == 1:
+            return
+        full = lambda t: torch.cat([s for s in self.all_gather(t.contiguous())], 0)  # noqa: E731
+        state = checkpoint["state_dict"]
+        for name, p in self.named_parameters():
+            if name in state and any(p is q for layer in self.model.moe_layers() for q in layer.experts.parameters()):
+                state[name] = full(state[name])
+        for opt_state in checkpoint.get("optimizer_states", []):
+            for i, (p, is_expert) in enumerate(zip(self.parameters(), self._expert_params())):
+                if is_expert and i in opt_state["state"]:
+                    opt_state["state"][i] = {k: full(v) if torch.is_tensor(v) and v.shape == p.shape else v for k, v in opt_state["state"][i].items()}
+
+    def on_load_checkpoint(self, checkpoint):
+        """Checkpoints hold every expert: keep this rank's."""
+        W = self._ep_world()
+        if W == 1:
+            return
+        rank = dist.get_rank()
+
+        def local(t, p):
+            n = p.shape[0]
+            return t[rank * n : (rank + 1) * n] if torch.is_tensor(t) and t.dim() and t.shape[0] == n * W else t
+
+        params = dict(self.named_parameters())
+        state = checkpoint["state_dict"]
+        for name in list(state):
+            if name in params:
+                state[name] = local(state[name], params[name]) if state[name].shape != params[name].shape else state[name]
+        for opt_state in checkpoint.get("optimizer_states", []):
+            for i, (p, is_expert) in enumerate(zip(self.parameters(), self._expert_params())):
+                if is_expert and i in opt_state["state"]:
+                    opt_state["state"][i] = {k: local(v, p) for k, v in opt_state["state"][i].items()}
 
     def forward(self, batch):
         return self.model(batch["src"], batch["tgt_in"], batch["src_pad"], batch["tgt_pad"])

@@ -107,3 +107,18 @@ def test_curriculum_under_ddp_keeps_one_full_table(tmp_path):
         assert len(logged[tag]) == 2
     assert all(-1 <= v <= 1 for _, v in logged["curriculum/spearman"])
     assert all(v > 0 for tag in ("curriculum/within_batch_std", "curriculum/within_batch_std_random", "curriculum/ep_cost") for _, v in logged[tag])
+
+
+def test_expert_parallel_fit_checkpoint_validates_the_same_in_one_process(tmp_path):
+    cfg = tiny_config(tmp_path)
+    train("fit", "--config", cfg, *DDP, "--model.expert_parallel", "true", cwd=tmp_path)
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    fit_loss = json.loads((run / "metrics.json").read_text())["final"]["val/loss"]
+    ckpt = tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["state_dict"]["model.encoder.1.ffn.experts.w0_EDF"].shape[0] == 4  # all experts, gathered
+    train("validate", "--config", cfg, "--ckpt_path", ckpt, "--trainer.devices", 1, cwd=tmp_path)
+    assert scalars(tmp_path / "logs" / "tiny" / "version_1")["val/loss"][-1][1] == pytest.approx(fit_loss, rel=1e-5)
+    logged = scalars(run)
+    assert logged["experts/enc.1/ep_received_max"][0][1] >= logged["experts/enc.1/ep_received_mean"][0][1] > 0
+    assert logged["experts/model/ep_bytes_per_step"][0][1] > 0

@@ -7,15 +7,17 @@ from torch import Tensor
 from adamoe.gates import Routing
 
 # Columns of a layer's count row; expert loads follow.
-TOKENS, TWO_EXPERT, ASSIGNMENTS, DROPPED, ENTROPY, AUX, STEPS = range(7)
-FIELDS = 7
+TOKENS, TWO_EXPERT, ASSIGNMENTS, DROPPED, ENTROPY, AUX, STEPS, EP_RECEIVED, EP_BYTES = range(9)
+FIELDS = 9
 
 
 def routing_counts(routings: list[Routing]) -> Tensor:
     """One float64 row per MoE layer: counts that add up over steps and ranks."""
     rows = []
     for r in routings:
-        head = torch.tensor([r.num_tokens, 0, r.token_index_N.numel(), r.dropped, 0, 0, 1], dtype=torch.float64, device=r.expert_load_E.device)
+        head = torch.tensor(
+            [r.num_tokens, 0, r.token_index_N.numel(), r.dropped, 0, 0, 1, r.ep_received, r.ep_bytes], dtype=torch.float64, device=r.expert_load_E.device
+        )
         head[TWO_EXPERT] = (r.experts_per_token_T >= 2).sum()
         head[ENTROPY] = r.router_entropy.detach()
         head[AUX] = r.aux_loss.detach()
@@ -46,7 +48,9 @@ class ExpertStats(Callback):
     per token, load imbalance (max/mean tokens per expert) and a histogram of tokens per
     expert, router entropy, aux loss, and dropped assignments when a capacity is set; for
     the whole model, experts per token and active forward FLOPs per token (dense weights
-    plus the experts actually used, see `Transformer.forward_flops`).
+    plus the experts actually used, see `Transformer.forward_flops`). With expert
+    parallelism, per step: the assignments each rank's experts received (max and mean
+    over ranks: the straggler measure) and the all-to-all bytes sent between ranks.
 
     Logged every `trainer.log_every_n_steps` batches and once per epoch (`..._epoch`
     tags), from counts summed over the steps and over DDP ranks: every rank joins the
@@ -85,10 +89,20 @@ class ExpertStats(Callback):
     def _log(self, trainer, pl_module, counts, tokens, suffix):
         model = pl_module.model
         # Every rank reduces, also those with nothing to say: the collectives must match.
-        tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
+        # Reductions may work in place, and the step and epoch sums can share a tensor: copy.
+        tokens = trainer.strategy.reduce(tokens.clone(), reduce_op="sum")
+        ep = counts is not None and any(layer.ep_group is not None for layer in model.moe_layers())
+        if ep:
+            steps = counts[0, STEPS].clamp_min(1)
+            received_WL = trainer.strategy.all_gather(counts[:, EP_RECEIVED] / steps).reshape(-1, counts.shape[0])
         if counts is not None:
-            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            counts = trainer.strategy.reduce(counts.clone(), reduce_op="sum")
         metrics = summarize(counts, model.moe_layer_names) if counts is not None else {}
+        if ep:
+            for i, name in enumerate(model.moe_layer_names):
+                metrics[f"experts/{name}/ep_received_max"] = float(received_WL[:, i].max())
+                metrics[f"experts/{name}/ep_received_mean"] = float(received_WL[:, i].mean())
+            metrics["experts/model/ep_bytes_per_step"] = float(counts[:, EP_BYTES].sum() / steps)
         assignments = int(counts[:, ASSIGNMENTS].sum()) if counts is not None else 0
         src, tgt = int(tokens[0]), int(tokens[1])
         metrics["experts/model/active_flops_per_token"] = model.forward_flops(src, tgt, assignments) / max(1, src + tgt)
