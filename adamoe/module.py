@@ -126,13 +126,14 @@ class TranslationModule(LightningModule):
         self._predictions: list[tuple[int, str]] = []
         self.train_routings: list = []
 
-    def _expert_params(self) -> list[bool]:
-        """For each parameter, in `self.parameters()` order: is it an expert weight?"""
-        experts = {id(p) for layer in self.model.moe_layers() for p in layer.experts.parameters()}
-        return [id(p) in experts for p in self.parameters()]
-
     def _ep_world(self) -> int:
         return dist.get_world_size() if self.hparams.expert_parallel and dist.is_available() and dist.is_initialized() else 1
+
+    def _expert_flags(self) -> list[tuple[str, torch.nn.Parameter, bool]]:
+        """(name, parameter, is it an expert weight?) in `self.parameters()` order, which is
+        also the optimizer's."""
+        experts = {id(p) for layer in self.model.moe_layers() for p in layer.experts.parameters()}
+        return [(n, p, id(p) in experts) for n, p in self.named_parameters()]
 
     def configure_model(self):
         W = self._ep_world()
@@ -142,44 +143,30 @@ class TranslationModule(LightningModule):
             layer.shard()
             for p in layer.experts.parameters():
                 p.register_hook(lambda g: g / W)
-        names = [n for n, p in self.named_parameters() if any(p is q for layer in self.model.moe_layers() for q in layer.experts.parameters())]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+        ignore = [n for n, _, is_expert in self._expert_flags() if is_expert]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignore)
+
+    def _map_expert_state(self, checkpoint, fn):
+        """Apply fn(tensor, local parameter) to every expert tensor of a checkpoint: the
+        weights and their optimizer state."""
+        for i, (name, p, is_expert) in enumerate(self._expert_flags()):
+            if not is_expert:
+                continue
+            checkpoint["state_dict"][name] = fn(checkpoint["state_dict"][name], p)
+            for opt in checkpoint.get("optimizer_states", []):
+                if i in opt["state"]:
+                    opt["state"][i] = {k: fn(v, p) if torch.is_tensor(v) and v.dim() else v for k, v in opt["state"][i].items()}
 
     def on_save_checkpoint(self, checkpoint):
-        """Every rank runs this while a checkpoint is made: gather the expert shards."""
-        W = self._ep_world()
-        if W == 1:
-            return
-        full = lambda t: torch.cat([s for s in self.all_gather(t.contiguous())], 0)  # noqa: E731
-        state = checkpoint["state_dict"]
-        for name, p in self.named_parameters():
-            if name in state and any(p is q for layer in self.model.moe_layers() for q in layer.experts.parameters()):
-                state[name] = full(state[name])
-        for opt_state in checkpoint.get("optimizer_states", []):
-            for i, (p, is_expert) in enumerate(zip(self.parameters(), self._expert_params())):
-                if is_expert and i in opt_state["state"]:
-                    opt_state["state"][i] = {k: full(v) if torch.is_tensor(v) and v.shape == p.shape else v for k, v in opt_state["state"][i].items()}
+        # Every rank runs this while a checkpoint is made: each contributes its experts.
+        if self._ep_world() > 1:
+            self._map_expert_state(checkpoint, lambda t, p: torch.cat(list(self.all_gather(t.contiguous())), 0))
 
     def on_load_checkpoint(self, checkpoint):
-        """Checkpoints hold every expert: keep this rank's."""
         W = self._ep_world()
-        if W == 1:
-            return
-        rank = dist.get_rank()
-
-        def local(t, p):
-            n = p.shape[0]
-            return t[rank * n : (rank + 1) * n] if torch.is_tensor(t) and t.dim() and t.shape[0] == n * W else t
-
-        params = dict(self.named_parameters())
-        state = checkpoint["state_dict"]
-        for name in list(state):
-            if name in params:
-                state[name] = local(state[name], params[name]) if state[name].shape != params[name].shape else state[name]
-        for opt_state in checkpoint.get("optimizer_states", []):
-            for i, (p, is_expert) in enumerate(zip(self.parameters(), self._expert_params())):
-                if is_expert and i in opt_state["state"]:
-                    opt_state["state"][i] = {k: local(v, p) for k, v in opt_state["state"][i].items()}
+        if W > 1:
+            rank = dist.get_rank()
+            self._map_expert_state(checkpoint, lambda t, p: t[rank * p.shape[0] : (rank + 1) * p.shape[0]])
 
     def forward(self, batch):
         return self.model(batch["src"], batch["tgt_in"], batch["src_pad"], batch["tgt_pad"])

@@ -119,6 +119,9 @@ def test_expert_parallel_fit_checkpoint_validates_the_same_in_one_process(tmp_pa
     assert state["state_dict"]["model.encoder.1.ffn.experts.w0_EDF"].shape[0] == 4  # all experts, gathered
     train("validate", "--config", cfg, "--ckpt_path", ckpt, "--trainer.devices", 1, cwd=tmp_path)
     assert scalars(tmp_path / "logs" / "tiny" / "version_1")["val/loss"][-1][1] == pytest.approx(fit_loss, rel=1e-5)
+    # ... and resumes training on one device, optimizer state included.
+    train("fit", "--config", cfg, "--ckpt_path", ckpt, "--trainer.devices", 1, "--trainer.max_steps", 9, cwd=tmp_path)
+    assert json.loads((tmp_path / "logs" / "tiny" / "version_2" / "metrics.json").read_text())["global_step"] == 9
     logged = scalars(run)
     assert logged["experts/enc.1/ep_received_max"][0][1] >= logged["experts/enc.1/ep_received_mean"][0][1] > 0
     assert logged["experts/model/ep_bytes_per_step"][0][1] > 0
