@@ -34,6 +34,7 @@ def main(args=None, run: bool = True) -> AdamoeCLI:
                 LearningRateMonitor(logging_interval="step"),
             ],
             "use_distributed_sampler": False,  # the data module shards its own batches
+            "reload_dataloaders_every_n_epochs": 1,  # and their number changes with the epoch's order
         },
         auto_configure_optimizers=False,  # the module takes its optimizer and schedule as arguments
         args=args,

@@ -132,3 +132,23 @@ def test_resume_mid_epoch_through_train_py_sees_every_sample_once(tmp_path):
     # The last checkpoint may come before or after the epoch's counts become the table.
     counted = table["epoch_tokens_NL"] + table.get("tokens_NL", torch.zeros_like(table["epoch_tokens_NL"]))
     assert torch.equal(counted[:, 0], src_len)
+
+
+def test_validation_follows_each_epoch_whatever_its_number_of_batches(tmp_path):
+    from helpers import scalars
+
+    from adamoe.data import Synthetic, TranslationData
+
+    cfg = tiny_config(tmp_path)
+    train("fit", "--config", cfg, "--data.curriculum", "random", "--trainer.max_epochs", 3, "--trainer.max_steps", -1,
+          "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # fmt: skip
+    dm = TranslationData(Synthetic(200, 16, 12), 300, max_tokens=400, cache_dir=str(tmp_path / "cache"), curriculum="random")
+    dm.setup("fit")
+    ends, step = [], 0
+    for epoch in range(3):
+        dm.train_sampler.set_epoch(epoch)
+        step += len(dm.train_sampler)
+        ends.append(step)
+    assert len(set(b - a for a, b in zip([0] + ends, ends))) > 1  # the epochs really differ in length
+    # Lightning logs epoch-end validation at the last training batch's step, counted from 0.
+    assert [s + 1 for s, _ in scalars(tmp_path / "logs" / "tiny" / "version_0")["val/loss"]] == ends

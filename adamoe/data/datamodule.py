@@ -164,6 +164,15 @@ class TranslationData(LightningDataModule):
         )
 
     def train_dataloader(self):
+        # An epoch's number of batches depends on its order. Lightning counts them when it
+        # builds the loader, so it must build one every epoch, after the epoch is known.
+        if self.trainer is not None:
+            if self.trainer.reload_dataloaders_every_n_epochs != 1:
+                raise ValueError(
+                    "TranslationData needs trainer.reload_dataloaders_every_n_epochs=1: the number of batches changes "
+                    "from epoch to epoch with the order, and Lightning counts them once per loader"
+                )
+            self.train_sampler.set_epoch(self.trainer.current_epoch)
         return self._loader("train", self.train_sampler)
 
     def val_dataloader(self):
