@@ -80,8 +80,9 @@ class Block(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        # With a cache the query is only the newest position, which may see every key.
-        x_BSD = x_BSD + self.drop(self.self_attn(h, k, v, self_mask, is_causal=causal and cache is None))
+        # A cached step's query is the newest position alone, which may see every key; a
+        # longer query (a prompt, or no cache) starts at position 0 and needs the mask.
+        x_BSD = x_BSD + self.drop(self.self_attn(h, k, v, self_mask, is_causal=causal and h.shape[1] > 1))
         if self.cross_attn is not None:
             if cache is not None and "memory_k" in cache:
                 mk, mv = cache["memory_k"], cache["memory_v"]
@@ -104,6 +105,9 @@ class Transformer(nn.Module):
 
     Sequences are right-padded: the decoder relies on causal masking alone to keep real
     positions from seeing target padding.
+
+    With num_decoder_layers=0 it is an encoder (use `encode`); with num_encoder_layers=0 a
+    decoder-only language model (use `decode` without memory, and `continue_text`).
     """
 
     def __init__(
@@ -139,7 +143,8 @@ class Transformer(nn.Module):
             return FeedForward(d_model, d_ff, activation)
 
         self.encoder = nn.ModuleList(Block(d_model, n_heads, ffn("enc", i), dropout, cross=False) for i in range(num_encoder_layers))
-        self.decoder = nn.ModuleList(Block(d_model, n_heads, ffn("dec", i), dropout, cross=True) for i in range(num_decoder_layers))
+        cross = num_encoder_layers > 0  # decoder-only models have nothing to attend across to
+        self.decoder = nn.ModuleList(Block(d_model, n_heads, ffn("dec", i), dropout, cross=cross) for i in range(num_decoder_layers))
         self.encoder_norm = nn.LayerNorm(d_model)
         self.decoder_norm = nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
@@ -172,7 +177,7 @@ class Transformer(nn.Module):
         def macs(module):
             return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
-        cross_kv = sum(macs(b.cross_attn.kv_proj) for b in self.decoder)  # runs on the source tokens
+        cross_kv = sum(macs(b.cross_attn.kv_proj) for b in self.decoder if b.cross_attn is not None)  # on source tokens
         per_src = sum(macs(b) for b in self.encoder) + cross_kv
         per_tgt = sum(macs(b) for b in self.decoder) - cross_kv + macs(self.output)
         experts = self.moe_layers()
@@ -191,8 +196,9 @@ class Transformer(nn.Module):
             routings += [r] if r is not None else []
         return self.encoder_norm(x), routings
 
-    def decode(self, tgt_BS, memory_BSD, src_pad_BS, tgt_pad_BS=None, cache: list[dict] | None = None, start: int = 0):
-        memory_mask = ~src_pad_BS[:, None, None, :]
+    def decode(self, tgt_BS, memory_BSD=None, src_pad_BS=None, tgt_pad_BS=None, cache: list[dict] | None = None, start: int = 0):
+        """Decoder logits; without `memory_BSD` (decoder-only models) there is no cross-attention."""
+        memory_mask = None if memory_BSD is None else ~src_pad_BS[:, None, None, :]
         x, routings = self._embed(tgt_BS, start), []
         for i, block in enumerate(self.decoder):
             x, r = block(
@@ -258,3 +264,33 @@ class Transformer(nn.Module):
         lengths = out.ne(self.pad_id).sum(1).clamp_min(1).view(B, K).float()
         best = (scores / lengths**length_penalty).argmax(-1)
         return out.view(B, K, -1)[torch.arange(B, device=out.device), best]
+
+    @torch.no_grad()
+    def continue_text(
+        self, prefix_BS: Tensor, eos_id: int, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, generator=None
+    ) -> Tensor:
+        """Decoder-only continuation of equal-length prompts: greedy at temperature 0, else
+        sampled (from the `top_k` most likely tokens when top_k > 0). Returns the new
+        tokens [B, <=max_new_tokens], pad after eos."""
+        cache = [{} for _ in self.decoder]
+        logits, _ = self.decode(prefix_BS, cache=cache)
+        done = torch.zeros(prefix_BS.shape[0], dtype=torch.bool, device=prefix_BS.device)
+        out = []
+        for t in range(self._all_ranks(max_new_tokens, dist.ReduceOp.MAX)):
+            if t >= max_new_tokens:
+                done = torch.ones_like(done)
+            last = logits[:, -1].float()
+            if temperature > 0:
+                if top_k > 0:
+                    kth = last.topk(min(top_k, last.shape[-1]), -1).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                token = torch.multinomial((last / temperature).softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                token = last.argmax(-1)
+            token = token.masked_fill(done, self.pad_id)
+            out.append(token)
+            done = done | token.eq(eos_id)
+            if self._all_ranks(int(done.all()), dist.ReduceOp.MIN):
+                break
+            logits, _ = self.decode(token.unsqueeze(1), cache=cache, start=prefix_BS.shape[1] + t)
+        return torch.stack(out, 1)[:, :max_new_tokens]

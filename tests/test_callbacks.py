@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adamoe.callbacks.analysis import count_words, words_of
-from adamoe.callbacks.stats import routing_counts, summarize
+from adamoe.callbacks.stats import FIELDS, routing_counts, summarize
 from adamoe.gates import Routing
 
 
@@ -43,7 +43,7 @@ def test_stats_are_exact_on_hand_built_routing():
     assert s["experts/dec.1/load_imbalance"] == pytest.approx(1.0)
     assert s["experts/dec.1/dropped"] == 2 and s["experts/dec.1/aux_loss"] == pytest.approx(0.5)
     assert s["experts/model/experts_per_token"] == pytest.approx((9 + 6) / (6 + 6))
-    assert counts[0, 7:].tolist() == [3, 3, 3]
+    assert counts[0, FIELDS:].tolist() == [3, 3, 3]
     unbalanced = summarize(routing_counts(step1), ["enc.1", "dec.1"])
     assert unbalanced["experts/enc.1/load_imbalance"] == pytest.approx(3 / 2)  # loads [3, 1, 2]
 
