@@ -5,8 +5,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from adamoe.callbacks import Checkpoint, Curriculum, EpochTimer, ExpertStats, MetricsSummary, RoutingAnalysis
-from adamoe.data import TranslationData
-from adamoe.module import TranslationModule
+from adamoe.data import TextData
+from adamoe.module import MoEModule
 
 
 class AdamoeCLI(LightningCLI):
@@ -15,15 +15,18 @@ class AdamoeCLI(LightningCLI):
         parser.add_lightning_class_args(EpochTimer, "timer")
         parser.add_lightning_class_args(RoutingAnalysis, "analysis")
         # The vocabulary is sized by the data config; special ids are the tokenizer's.
-        parser.link_arguments("data.vocab_size", "model.vocab_size")
+        parser.link_arguments("data.init_args.vocab_size", "model.init_args.vocab_size")
         for name in ("pad_id", "bos_id", "eos_id"):
-            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.link_arguments("data.init_args.num_classes", "model.init_args.num_classes")
 
 
 def main(args=None, run: bool = True) -> AdamoeCLI:
     return AdamoeCLI(
-        TranslationModule,
-        TranslationData,
+        MoEModule,
+        TextData,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "adamoe", "default_hp_metric": False}},
             "callbacks": [

@@ -1,8 +1,9 @@
-"""LightningModule: trains the MoE transformer on sentence pairs, evaluates BLEU."""
+"""LightningModules around the MoE transformer: a shared base and one small class per task."""
 
 import contextlib
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -12,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.text import SacreBLEUScore
 
 from adamoe.gates import Top2Gate
@@ -55,14 +57,13 @@ def swapped_gates(model: Transformer, gates: list):
             layer.gate = gate
 
 
-class TranslationModule(LightningModule):
-    """Sequence-to-sequence training with label-smoothed cross-entropy plus MoE aux losses.
+class MoEModule(LightningModule):
+    """What every task shares: the MoE transformer, its gates and aux losses, training
+    logs, optimizer and schedule, expert parallelism, and prediction files. A task
+    implements `step` (loss and routing of a batch) and its evaluation.
 
-    Logs `train/loss` (what is minimized), `train/nll`, `train/aux_loss`, and per
-    validation `val/loss` (token-level cross-entropy, no smoothing), `val/ppl` and
-    `val/bleu` (sacreBLEU, 0-100, greedy decodes of the first `bleu_batches` batches of
-    each rank). `test` decodes with beam search; `predict` writes one hypothesis a line,
-    in dataset order, to `predict_output`.
+    Logs `train/loss` (what is minimized: the task loss plus the MoE aux losses) and
+    `train/aux_loss`, plus what the task's `step` returns.
 
     `inference_gate`, when set, routes validation, test and predict with another rule
     over the same trained routers, e.g. top-1 routing for an adaptively trained model.
@@ -93,14 +94,9 @@ class TranslationModule(LightningModule):
         capacity_factor: float | None = None,
         dropout: float = 0.1,
         tie_embeddings: bool = True,
-        label_smoothing: float = 0.1,
         inference_gate: GateFactory | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable = WarmupInverseSqrt,
-        bleu_batches: int = -1,
-        max_decode_len: int = 256,
-        beam_size: int = 4,
-        length_penalty: float = 1.0,
         predict_output: str = "predictions.txt",
         expert_parallel: bool = False,
     ):
@@ -121,10 +117,45 @@ class TranslationModule(LightningModule):
                 g.router = layer.gate.router
                 self._inference_gates.append(g)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self.val_bleu, self.test_bleu = SacreBLEUScore(), SacreBLEUScore()
         self._predictions: list[tuple[int, str]] = []
         self.train_routings: list = []
+
+    def step(self, batch) -> tuple[torch.Tensor, dict, list]:
+        """The task loss of a batch, more values to log, and the routing records."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        loss, logs, routings = self.step(batch)
+        aux = sum((r.aux_loss for r in routings), loss.new_zeros(()))
+        bs = batch["index"].shape[0]
+        self.log("train/loss", loss + aux, prog_bar=True, batch_size=bs)
+        self.log_dict({"train/aux_loss": aux, **{f"train/{k}": v for k, v in logs.items()}}, batch_size=bs)
+        # Callbacks read the routing of this forward pass instead of running another.
+        self.train_routings = routings
+        return loss + aux
+
+    def _inference(self):
+        return swapped_gates(self.model, self._inference_gates) if self._inference_gates else contextlib.nullcontext()
+
+    def log_epoch(self, values: dict):
+        # Metric objects' compute() sums their states over all ranks, so every rank holds
+        # the same values here: sync_dist averages equal numbers.
+        self.log_dict(values, prog_bar=True, sync_dist=True)
+
+    def on_predict_epoch_end(self):
+        gathered = [self._predictions]
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self._predictions)
+        self._predictions = []
+        if self.trainer.is_global_zero:
+            path = Path(self.hparams.predict_output)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(h + "\n" for _, h in sorted(p for part in gathered for p in part)))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     def _ep_world(self) -> int:
         return dist.get_world_size() if self.hparams.expert_parallel and dist.is_available() and dist.is_initialized() else 1
@@ -168,6 +199,30 @@ class TranslationModule(LightningModule):
             rank = dist.get_rank()
             self._map_expert_state(checkpoint, lambda t, p: t[rank * p.shape[0] : (rank + 1) * p.shape[0]])
 
+
+
+class TranslationModule(MoEModule):
+    """Sequence to sequence: label-smoothed cross-entropy (`train/nll` is the plain one).
+
+    Per validation: `val/loss` (token cross-entropy), `val/ppl` and `val/bleu` (sacreBLEU,
+    0-100, greedy decodes of the first `bleu_batches` batches of each rank). `test`
+    decodes with beam search; `predict` writes one hypothesis a line, in dataset order,
+    to `predict_output`.
+    """
+
+    def __init__(
+        self,
+        label_smoothing: float = 0.1,
+        bleu_batches: int = -1,
+        max_decode_len: int = 256,
+        beam_size: int = 4,
+        length_penalty: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_bleu, self.test_bleu = SacreBLEUScore(), SacreBLEUScore()
+
     def forward(self, batch):
         return self.model(batch["src"], batch["tgt_in"], batch["src_pad"], batch["tgt_pad"])
 
@@ -178,21 +233,11 @@ class TranslationModule(LightningModule):
         pad = self.hparams.pad_id
         smoothed = F.cross_entropy(logits_NV, target_N, ignore_index=pad, label_smoothing=self.hparams.label_smoothing)
         nll = F.cross_entropy(logits_NV, target_N, ignore_index=pad)
-        aux = sum((r.aux_loss for r in routings), logits.new_zeros(()))
-        return smoothed, nll, aux, int(target.ne(pad).sum()), routings
+        return smoothed, nll, int(target.ne(pad).sum()), routings
 
-    def training_step(self, batch, batch_idx):
-        smoothed, nll, aux, ntokens, routings = self._losses(batch)
-        loss = smoothed + aux
-        bs = batch["src"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({"train/nll": nll, "train/aux_loss": aux}, batch_size=bs)
-        # Callbacks read the routing of this forward pass instead of running another.
-        self.train_routings = routings
-        return loss
-
-    def _inference(self):
-        return swapped_gates(self.model, self._inference_gates) if self._inference_gates else contextlib.nullcontext()
+    def step(self, batch):
+        smoothed, nll, _, routings = self._losses(batch)
+        return smoothed, {"nll": nll}, routings
 
     def decode(self, batch, beam_size: int) -> list[str]:
         src = batch["src"]
@@ -203,7 +248,7 @@ class TranslationModule(LightningModule):
 
     def _evaluate(self, batch, batch_idx, loss_metric, bleu_metric, beam_size, bleu_batches):
         with self._inference():
-            _, nll, _, ntokens, _ = self._losses(batch)
+            _, nll, ntokens, _ = self._losses(batch)
             loss_metric.update(nll, weight=ntokens)
             if bleu_batches < 0 or batch_idx < bleu_batches:
                 bleu_metric.update(self.decode(batch, beam_size), [[t] for t in batch["target"]])
@@ -215,11 +260,8 @@ class TranslationModule(LightningModule):
         self._evaluate(batch, batch_idx, self.test_loss, self.test_bleu, self.hparams.beam_size, -1)
 
     def _log_eval(self, stage, loss_metric, bleu_metric):
-        # compute() sums the metric states over all ranks: every rank takes part, and all
-        # get the same values (sync_dist then averages equal numbers).
         loss = loss_metric.compute()
-        values = {f"{stage}/loss": loss, f"{stage}/ppl": loss.exp(), f"{stage}/bleu": 100 * bleu_metric.compute()}
-        self.log_dict(values, prog_bar=True, sync_dist=True)
+        self.log_epoch({f"{stage}/loss": loss, f"{stage}/ppl": loss.exp(), f"{stage}/bleu": 100 * bleu_metric.compute()})
         loss_metric.reset()
         bleu_metric.reset()
 
@@ -235,17 +277,123 @@ class TranslationModule(LightningModule):
         self._predictions += zip(batch["index"].tolist(), hyps)
         return hyps
 
-    def on_predict_epoch_end(self):
-        gathered = [self._predictions]
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self._predictions)
-        self._predictions = []
-        if self.trainer.is_global_zero:
-            path = Path(self.hparams.predict_output)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(h + "\n" for _, h in sorted(p for part in gathered for p in part)))
 
-    def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+class ClassificationModule(MoEModule):
+    """Encoder-only classification: a linear head on the mean (or first-token) encoder
+    state. Logs `val/loss`, `val/acc` (accuracy) and `val/f1` (macro F1), likewise for
+    test; predict writes one class id a line. `num_classes` comes from the data."""
+
+    def __init__(self, num_classes: int = 2, pooling: Literal["mean", "first"] = "mean", **kwargs):
+        super().__init__(num_decoder_layers=0, **kwargs)
+        self.head = torch.nn.Linear(self.hparams.d_model, num_classes)
+        self.metrics = torch.nn.ModuleDict(
+            {
+                stage: torch.nn.ModuleDict(
+                    {"loss": MeanMetric(), "acc": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")}
+                )
+                for stage in ("val", "test")
+            }
+        )
+
+    def forward(self, batch):
+        states, routings = self.model.encode(batch["src"], batch["src_pad"])
+        if self.hparams.pooling == "first":
+            pooled = states[:, 0]
+        else:
+            real = (~batch["src_pad"]).unsqueeze(-1).to(states.dtype)
+            pooled = (states * real).sum(1) / real.sum(1).clamp_min(1)
+        return self.head(pooled), routings
+
+    def step(self, batch):
+        logits, routings = self(batch)
+        return F.cross_entropy(logits.float(), batch["label"]), {}, routings
+
+    def _evaluate(self, stage, batch):
+        with self._inference():
+            logits, _ = self(batch)
+        m = self.metrics[stage]
+        m["loss"].update(F.cross_entropy(logits.float(), batch["label"]), weight=batch["label"].numel())
+        m["acc"].update(logits, batch["label"])
+        m["f1"].update(logits, batch["label"])
+
+    def _log_eval(self, stage):
+        self.log_epoch({f"{stage}/{name}": metric.compute() for name, metric in self.metrics[stage].items()})
+        for metric in self.metrics[stage].values():
+            metric.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate("test", batch)
+
+    def on_validation_epoch_end(self):
+        self._log_eval("val")
+
+    def on_test_epoch_end(self):
+        self._log_eval("test")
+
+    def predict_step(self, batch, batch_idx):
+        with self._inference():
+            labels = self(batch)[0].argmax(-1).tolist()
+        self._predictions += zip(batch["index"].tolist(), map(str, labels))
+        return labels
+
+
+class LanguageModelModule(MoEModule):
+    """Decoder-only causal language model. Logs `val/loss` (token cross-entropy) and
+    `val/ppl` = exp(val/loss), likewise for test. `predict` continues the first
+    `prompt_tokens` tokens of each text, greedily at `temperature` 0, else by sampling
+    (from the `top_k` likeliest tokens when top_k > 0), and writes one continuation a line."""
+
+    def __init__(self, prompt_tokens: int = 8, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, **kwargs):
+        super().__init__(num_encoder_layers=0, **kwargs)
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+
+    def forward(self, batch):
+        return self.model.decode(batch["tgt_in"], tgt_pad_BS=batch["tgt_pad"])
+
+    def _nll(self, batch):
+        logits, routings = self(batch)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["tgt_out"].reshape(-1), ignore_index=self.hparams.pad_id)
+        return nll, int((~batch["tgt_pad"]).sum()), routings
+
+    def step(self, batch):
+        nll, _, routings = self._nll(batch)
+        return nll, {}, routings
+
+    def _evaluate(self, metric, batch):
+        with self._inference():
+            nll, ntokens, _ = self._nll(batch)
+        metric.update(nll, weight=ntokens)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(self.val_loss, batch)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(self.test_loss, batch)
+
+    def _log_eval(self, stage, metric):
+        loss = metric.compute()
+        self.log_epoch({f"{stage}/loss": loss, f"{stage}/ppl": loss.exp()})
+        metric.reset()
+
+    def on_validation_epoch_end(self):
+        self._log_eval("val", self.val_loss)
+
+    def on_test_epoch_end(self):
+        self._log_eval("test", self.test_loss)
+
+    def predict_step(self, batch, batch_idx):
+        hp = self.hparams
+        # A prompt is the first tokens of a text (after <s>); prompts of one length go together.
+        lengths = (~batch["tgt_pad"]).sum(1).clamp(max=hp.prompt_tokens + 1)
+        texts = [""] * lengths.numel()
+        with self._inference():
+            for n in lengths.unique().tolist():
+                rows = (lengths == n).nonzero().squeeze(1)
+                out = self.model.continue_text(batch["tgt_in"][rows, :n], hp.eos_id, hp.max_new_tokens, hp.temperature, hp.top_k)
+                for r, ids in zip(rows.tolist(), out.tolist()):
+                    texts[r] = self.trainer.datamodule.decode(ids)
+        self._predictions += zip(batch["index"].tolist(), texts)
+        return texts

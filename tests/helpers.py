@@ -21,15 +21,15 @@ def tiny_config(tmp: Path) -> Path:
             "enable_progress_bar": False,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp / "logs"), "name": "tiny"}},
         },
-        "model": {
+        "model": {"class_path": "adamoe.TranslationModule", "init_args": {
             "d_model": 32, "n_heads": 2, "d_ff": 64, "num_encoder_layers": 2, "num_decoder_layers": 2, "num_experts": 4,
             "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
             "max_decode_len": 20, "beam_size": 2, "predict_output": str(tmp / "pred.txt"),
-        },
-        "data": {
+        }},
+        "data": {"class_path": "adamoe.data.TranslationData", "init_args": {
             "source": {"class_path": "adamoe.data.Synthetic", "init_args": {"train_size": 200, "val_size": 16, "test_size": 12}},
             "vocab_size": 300, "max_tokens": 400, "cache_dir": str(tmp / "cache"),
-        },
+        }},
     }  # fmt: skip
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -126,7 +126,7 @@ def test_resume_mid_epoch_through_train_py_sees_every_sample_once(tmp_path):
     # Every training sample counted exactly once in epoch 0: its source tokens, once.
     from adamoe.data import Synthetic, TranslationData
 
-    dm = TranslationData(Synthetic(200, 16, 12), 300, cache_dir=str(tmp_path / "cache"))
+    dm = TranslationData(Synthetic(200, 16, 12), vocab_size=300, cache_dir=str(tmp_path / "cache"))
     dm.setup("fit")
     src_len = torch.tensor([float(len(s)) for s in dm.splits["train"]["src_ids"]])
     # The last checkpoint may come before or after the epoch's counts become the table.
@@ -142,7 +142,7 @@ def test_validation_follows_each_epoch_whatever_its_number_of_batches(tmp_path):
     cfg = tiny_config(tmp_path)
     train("fit", "--config", cfg, "--data.curriculum", "random", "--trainer.max_epochs", 3, "--trainer.max_steps", -1,
           "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # fmt: skip
-    dm = TranslationData(Synthetic(200, 16, 12), 300, max_tokens=400, cache_dir=str(tmp_path / "cache"), curriculum="random")
+    dm = TranslationData(Synthetic(200, 16, 12), vocab_size=300, max_tokens=400, cache_dir=str(tmp_path / "cache"), curriculum="random")
     dm.setup("fit")
     ends, step = [], 0
     for epoch in range(3):

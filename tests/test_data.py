@@ -62,14 +62,14 @@ def test_empty_file(tmp_path):
 
 def test_table_files_tsv_jsonl_and_errors(tmp_path):
     tsv = write(tmp_path / "t.tsv", "de\ten\nhallo\thello\nwelt\tworld\n")
-    assert TableFiles(str(tsv), str(tsv), src_column="de", tgt_column="en").load("train")["target"] == ["hello", "world"]
+    assert TableFiles(str(tsv), str(tsv), columns={"source": "de", "target": "en"}).load("train")["target"] == ["hello", "world"]
     jl = write(tmp_path / "t.jsonl", "".join(json.dumps({"translation": {"de": d, "en": e}}) + "\n" for d, e in [("a", "b"), ("c", "d")]))
-    assert TableFiles(str(jl), str(jl), src_column="translation.de", tgt_column="translation.en").load("val")["source"] == ["a", "c"]
+    assert TableFiles(str(jl), str(jl), columns={"source": "translation.de", "target": "translation.en"}).load("val")["source"] == ["a", "c"]
     with pytest.raises(DataError, match=r"t\.tsv: no column 'fr'; columns are \['de', 'en'\]"):
-        TableFiles(str(tsv), str(tsv), src_column="fr", tgt_column="en").load("train")
+        TableFiles(str(tsv), str(tsv), columns={"source": "fr", "target": "en"}).load("train")
     holes = write(tmp_path / "h.tsv", "de\ten\nhallo\thello\nwelt\t\n")
     with pytest.raises(DataError, match=r"h\.tsv:3: column 'en' is empty"):
-        TableFiles(str(holes), str(holes), src_column="de", tgt_column="en").load("train")
+        TableFiles(str(holes), str(holes), columns={"source": "de", "target": "en"}).load("train")
     with pytest.raises(DataError, match=r"nope\.csv: file not found"):
         TableFiles(str(tmp_path / "nope.csv"), str(tsv)).load("train")
 
@@ -79,7 +79,7 @@ def test_table_files_parquet(tmp_path):
 
     path = tmp_path / "t.parquet"
     datasets.Dataset.from_dict({"s": ["a"], "t": ["b"]}).to_parquet(str(path))
-    assert TableFiles(str(path), str(path), src_column="s", tgt_column="t").load("train")["target"] == ["b"]
+    assert TableFiles(str(path), str(path), columns={"source": "s", "target": "t"}).load("train")["target"] == ["b"]
 
 
 def small_data(tmp_path, **kw):

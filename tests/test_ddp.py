@@ -31,8 +31,8 @@ def test_logged_expert_counts_are_the_sum_over_ranks(ddp_run):
     tmp, cfg = ddp_run
     run = tmp / "logs" / "tiny" / "version_0"
     model = TranslationModule.load_from_checkpoint(tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt").train()
-    data_cfg = yaml.safe_load(cfg.read_text())["data"]
-    dm = TranslationData(Synthetic(**data_cfg["source"]["init_args"]), data_cfg["vocab_size"], data_cfg["max_tokens"], cache_dir=data_cfg["cache_dir"])
+    data_cfg = yaml.safe_load(cfg.read_text())["data"]["init_args"]
+    dm = TranslationData(Synthetic(**data_cfg["source"]["init_args"]), vocab_size=data_cfg["vocab_size"], max_tokens=data_cfg["max_tokens"], cache_dir=data_cfg["cache_dir"])
     dm.setup("fit")
     ds = dm.splits["train"]
     lengths = [max(len(s), len(t)) for s, t in zip(ds["src_ids"], ds["tgt_ids"])]
@@ -40,7 +40,7 @@ def test_logged_expert_counts_are_the_sum_over_ranks(ddp_run):
     with torch.no_grad():
         for rank in (0, 1):
             first = next(iter(ShardedBatchSampler(lengths, dm.max_tokens, None, "length", dm.seed, 2, rank)))
-            batch = collate(first, ds["src_ids"], ds["tgt_ids"], ds["target"])
+            batch = collate(first, src_ids=ds["src_ids"], tgt_ids=ds["tgt_ids"])
             _, routings = model(batch)
             enc = routings[0]  # enc.1
             tokens += enc.num_tokens
@@ -71,7 +71,7 @@ def test_epoch_time_throughput_and_time_to_target(ddp_run):
 def test_routing_analysis_lists_whole_words(ddp_run):
     tmp, cfg = ddp_run
     rows = list(csv.DictReader(open(tmp / "logs" / "tiny" / "version_0" / "routing_words.tsv"), delimiter="\t"))
-    dm = TranslationData(Synthetic(**yaml.safe_load(cfg.read_text())["data"]["source"]["init_args"]), 300, cache_dir=str(tmp / "cache"))
+    dm = TranslationData(Synthetic(**yaml.safe_load(cfg.read_text())["data"]["init_args"]["source"]["init_args"]), vocab_size=300, cache_dir=str(tmp / "cache"))
     dm.setup("validate")
     words = {w for col in ("source", "target") for line in dm.splits["val"][col] for w in line.split()}
     assert rows and {r["layer"] for r in rows} == {"enc.1", "dec.1"}
@@ -95,7 +95,7 @@ def test_curriculum_under_ddp_keeps_one_full_table(tmp_path):
           "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # fmt: skip
     table = torch.load(tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)["TranslationData"]["train_sampler"]
     assert table["epoch"] == 1 and table["order"] == "paper"
-    dm = TranslationData(Synthetic(200, 16, 12), 300, cache_dir=str(tmp_path / "cache"))
+    dm = TranslationData(Synthetic(200, 16, 12), vocab_size=300, cache_dir=str(tmp_path / "cache"))
     dm.setup("fit")
     src_len = torch.tensor([float(len(s)) for s in dm.splits["train"]["src_ids"]])
     # Rank 0's checkpoint holds both ranks' counts, each sample once (the epoch-end checkpoint

@@ -15,7 +15,7 @@ def tiny_module(**kw):
 def batch():
     g = torch.Generator().manual_seed(0)
     src = [torch.randint(4, 50, (n,), generator=g).tolist() + [2] for n in (5, 7, 3)]
-    return collate([0, 1, 2], src, src, ["a", "b", "c"])
+    return collate([0, 1, 2], src_ids=src, tgt_ids=src, target=["a", "b", "c"])
 
 
 def test_inference_gate_routes_with_the_trained_routers():
@@ -40,9 +40,11 @@ def test_inference_gate_routes_with_the_trained_routers():
 def test_loss_includes_aux_and_ignores_padding():
     m = tiny_module(label_smoothing=0.0)
     b = batch()
-    smoothed, nll, aux, ntokens, _ = m._losses(b)
-    assert ntokens == int((~b["tgt_pad"]).sum()) and aux > 0
+    smoothed, nll, ntokens, routings = m._losses(b)
+    assert ntokens == int((~b["tgt_pad"]).sum())
     assert smoothed.item() == pytest.approx(nll.item())
+    aux = sum(r.aux_loss for r in routings)
+    assert aux > 0 and m.training_step(b, 0).item() == pytest.approx((nll + aux).item())
 
 
 def test_warmup_inverse_sqrt_schedule():

@@ -1,4 +1,8 @@
-"""LightningDataModule for sentence-pair tasks: read, check, tokenize, cache, batch."""
+"""LightningDataModules for text tasks: read, check, tokenize, cache, batch.
+
+One base, `TextData`, does the work; a task names the text columns it encodes and how:
+`TranslationData` (source -> `src`, target -> `tgt_*`), `ClassificationData` (text ->
+`src`, plus `label`), `LanguageModelData` (text -> `tgt_*`)."""
 
 from pathlib import Path
 from typing import Literal
@@ -12,18 +16,18 @@ from torch.utils.data import DataLoader
 
 from adamoe.data import tokenizer as bpe
 from adamoe.data.batching import ShardedBatchSampler
-from adamoe.data.sources import SPLITS, DataError, DataSource, Synthetic, digest
+from adamoe.data.sources import SPLITS, DataError, DataSource, Synthetic, SyntheticSentiment, SyntheticText, digest
 
 CACHE_VERSION = "1"
 
 
-class TranslationData(LightningDataModule):
-    """Sentence pairs from any `DataSource`, a joint BPE vocabulary, token-budget batches.
+class TextData(LightningDataModule):
+    """Text from any `DataSource`, one joint BPE vocabulary, token-budget batches.
 
-    Every batch is a dict: `src` [B, S] and `tgt_in`/`tgt_out` [B, T] token ids (right-padded,
-    `tgt_in` starts with <s>, `tgt_out` ends with </s>), their padding masks `src_pad` and
-    `tgt_pad` (True at padding), the dataset `index` of each sample, and the reference
-    strings `target` for BLEU.
+    Every batch is a dict with, as the task has them: `src` [B, S] token ids and `tgt_in`/
+    `tgt_out` [B, T] (right-padded; `tgt_in` starts with <s>, `tgt_out` and `src` end with
+    </s>), their padding masks `src_pad` and `tgt_pad` (True at padding), `label` [B], the
+    reference strings `target`, and always the dataset `index` of each sample.
 
     Training batches follow `curriculum`: `none` is length-bucketed shuffled batches (least
     padding), `random` a plain seeded shuffle, `paper` the curriculum of Li et al. (2023)
@@ -35,9 +39,11 @@ class TranslationData(LightningDataModule):
     leaves them out, `truncate` cuts them (and keeps </s>).
     """
 
+    COLUMNS: dict[str, str] = {}  # source column -> the ids it becomes
+
     def __init__(
         self,
-        source: DataSource = lazy_instance(Synthetic),
+        source: DataSource,
         vocab_size: int = 8000,
         max_tokens: int | None = 4096,
         batch_size: int | None = None,
@@ -56,7 +62,7 @@ class TranslationData(LightningDataModule):
         self.source = source
         self.vocab_size = vocab_size
         self.max_tokens, self.batch_size = max_tokens, batch_size
-        self.max_len = {"src_ids": max_source_len, "tgt_ids": max_target_len}
+        self.max_len = {ids: {"src_ids": max_source_len, "tgt_ids": max_target_len}[ids] for ids in self.COLUMNS.values()}
         self.too_long = too_long
         self.curriculum = curriculum
         self.predict_split = predict_split
@@ -85,15 +91,17 @@ class TranslationData(LightningDataModule):
             return
         raw = {s: self.source.load(s) for s in SPLITS}
         if raw["train"] is None or raw["val"] is None:
-            raise DataError("the data source needs a train and a val split")
-        tok, cached = bpe.load_or_train(self.tokenizer_path, (t for col in ("source", "target") for t in raw["train"][col]), self.vocab_size)
+            raise DataError(f"{type(self.source).__name__}: the data source needs a train and a val split")
+        for split, ds in raw.items():
+            missing = [c for c in self.required_columns() if ds is not None and c not in ds.column_names]
+            if missing:
+                raise DataError(f"{type(self.source).__name__} {split}: no column {missing} for {type(self).__name__}; it has {ds.column_names}")
+        raw = self.prepare_columns(raw)
+        tok, cached = bpe.load_or_train(self.tokenizer_path, (t for col in self.COLUMNS for t in raw["train"][col]), self.vocab_size)
         rank_zero_info(f"{'Reusing' if cached else 'Trained'} BPE tokenizer {self.tokenizer_path} ({tok.get_vocab_size()} tokens)")
 
         def encode(rows):
-            return {
-                f"{side}_ids": [e.ids + [bpe.EOS_ID] for e in tok.encode_batch(rows[col])]
-                for side, col in (("src", "source"), ("tgt", "target"))
-            }
+            return {ids: [e.ids + [bpe.EOS_ID] for e in tok.encode_batch(rows[col])] for col, ids in self.COLUMNS.items()}
 
         for split, ds in raw.items():
             if ds is not None:
@@ -113,6 +121,13 @@ class TranslationData(LightningDataModule):
         if self.train_sampler is None:
             order = {"none": "length"}.get(self.curriculum, self.curriculum)
             self.train_sampler = self._sampler("train", order)
+
+    def required_columns(self) -> list[str]:
+        return list(self.COLUMNS)
+
+    def prepare_columns(self, raw: dict) -> dict:
+        """Task-specific conversion of the raw splits before tokenizing."""
+        return raw
 
     def state_dict(self):
         return {"train_sampler": self.train_sampler.state_dict()} if self.train_sampler else {}
@@ -150,18 +165,13 @@ class TranslationData(LightningDataModule):
     def _sampler(self, split: str, order: str) -> ShardedBatchSampler:
         ds = self.splits[split]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        lengths = [max(len(s), len(t)) for s, t in zip(ds["src_ids"], ds["tgt_ids"])]
+        lengths = [max(lens) for lens in zip(*([len(x) for x in ds[ids]] for ids in self.COLUMNS.values()))]
         return ShardedBatchSampler(lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank)
 
     def _loader(self, split: str, sampler: ShardedBatchSampler) -> DataLoader:
         ds = self.splits[split]
-        src, tgt, ref = ds["src_ids"], ds["tgt_ids"], ds["target"]
-        return DataLoader(
-            range(len(ds)),
-            batch_sampler=sampler,
-            collate_fn=lambda idx: collate(idx, src, tgt, ref),
-            num_workers=self.num_workers,
-        )
+        columns = {c: ds[c] for c in ("src_ids", "tgt_ids", "label", "target") if c in ds.column_names}
+        return DataLoader(range(len(ds)), batch_sampler=sampler, collate_fn=lambda idx: collate(idx, **columns), num_workers=self.num_workers)
 
     def train_dataloader(self):
         # An epoch's number of batches depends on its order. Lightning counts them when it
@@ -169,7 +179,7 @@ class TranslationData(LightningDataModule):
         if self.trainer is not None:
             if self.trainer.reload_dataloaders_every_n_epochs != 1:
                 raise ValueError(
-                    "TranslationData needs trainer.reload_dataloaders_every_n_epochs=1: the number of batches changes "
+                    f"{type(self).__name__} needs trainer.reload_dataloaders_every_n_epochs=1: the number of batches changes "
                     "from epoch to epoch with the order, and Lightning counts them once per loader"
                 )
             self.train_sampler.set_epoch(self.trainer.current_epoch)
@@ -194,17 +204,91 @@ def _pad(seqs: list[list[int]]) -> torch.Tensor:
     return out
 
 
-def collate(indices: list[int], src, tgt, ref) -> dict:
-    src_BS = _pad([src[i] for i in indices])
-    tgt_out = _pad([tgt[i] for i in indices])
-    tgt_in = torch.nn.functional.pad(tgt_out, (1, 0), value=bpe.BOS_ID)[:, :-1]
-    tgt_in[tgt_in == bpe.EOS_ID] = bpe.PAD_ID
-    return {
-        "src": src_BS,
-        "src_pad": src_BS.eq(bpe.PAD_ID),
-        "tgt_in": tgt_in,
-        "tgt_out": tgt_out,
-        "tgt_pad": tgt_out.eq(bpe.PAD_ID),
-        "index": torch.as_tensor(indices),
-        "target": [ref[i] for i in indices],
-    }
+def collate(indices: list[int], src_ids=None, tgt_ids=None, label=None, target=None) -> dict:
+    batch = {"index": torch.as_tensor(indices)}
+    if src_ids is not None:
+        batch["src"] = _pad([src_ids[i] for i in indices])
+        batch["src_pad"] = batch["src"].eq(bpe.PAD_ID)
+    if tgt_ids is not None:
+        tgt_out = _pad([tgt_ids[i] for i in indices])
+        tgt_in = torch.nn.functional.pad(tgt_out, (1, 0), value=bpe.BOS_ID)[:, :-1]
+        tgt_in[tgt_in == bpe.EOS_ID] = bpe.PAD_ID
+        batch.update(tgt_in=tgt_in, tgt_out=tgt_out, tgt_pad=tgt_out.eq(bpe.PAD_ID))
+    if label is not None:
+        batch["label"] = torch.as_tensor([label[i] for i in indices])
+    if target is not None:
+        batch["target"] = [target[i] for i in indices]
+    return batch
+
+
+class TranslationData(TextData):
+    """Sentence pairs (`source`, `target` columns): the embedded translation task by default."""
+
+    COLUMNS = {"source": "src_ids", "target": "tgt_ids"}
+
+    def __init__(self, source: DataSource = lazy_instance(Synthetic), **kwargs):
+        super().__init__(source, **kwargs)
+
+
+class ClassificationData(TextData):
+    """Texts with labels (`text`, `label` columns): the embedded sentiment task by default.
+
+    Integer labels are used as they are; string labels are numbered in sorted order of the
+    training split's labels. Every label must be below `num_classes`, which the CLI links
+    into the model.
+    """
+
+    COLUMNS = {"text": "src_ids"}
+
+    def __init__(self, source: DataSource = lazy_instance(SyntheticSentiment), num_classes: int = 2, **kwargs):
+        super().__init__(source, **kwargs)
+        self.num_classes = num_classes
+
+    def required_columns(self):
+        return ["text", "label"]
+
+    def prepare_columns(self, raw):
+        names = sorted({v for v in raw["train"]["label"] if isinstance(v, str)})
+        ids = {n: i for i, n in enumerate(names)}
+        out = {}
+        for split, ds in raw.items():
+            if ds is not None:
+                labels = [ids.get(v, v) if isinstance(v, str) else v for v in ds["label"]]
+                unknown = [v for v in labels if isinstance(v, str)]
+                if unknown:
+                    raise DataError(f"{split}: label {unknown[0]!r} does not occur in the training split ({names})")
+                ds = ds.remove_columns("label").add_column("label", labels)
+            out[split] = ds
+        return out
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        for split, ds in self.splits.items():
+            bad = [i for i, v in enumerate(ds["label"]) if not 0 <= v < self.num_classes]
+            if bad:
+                raise DataError(f"{split}: sample {bad[0]} has label {ds['label'][bad[0]]}, outside num_classes={self.num_classes}")
+
+
+class LanguageModelData(TextData):
+    """Text (`text` column) for a decoder-only model: the embedded grammar by default.
+
+    Padded (one text per sequence) by default; with `pack_to`, the training split's texts
+    are joined (each ending in </s>) and cut into sequences of `pack_to` tokens, the last
+    one shorter: nothing is dropped.
+    """
+
+    COLUMNS = {"text": "tgt_ids"}
+
+    def __init__(self, source: DataSource = lazy_instance(SyntheticText), pack_to: int | None = None, **kwargs):
+        super().__init__(source, **kwargs)
+        self.pack_to = pack_to
+        self._packed = False
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        if self.pack_to and not self._packed:
+            stream = [t for ids in self.splits["train"]["tgt_ids"] for t in ids]
+            blocks = [stream[i : i + self.pack_to] for i in range(0, len(stream), self.pack_to)]
+            self.splits["train"] = datasets.Dataset.from_dict({"tgt_ids": blocks})
+            self.train_sampler = self._sampler("train", self.train_sampler.order)
+            self._packed = True

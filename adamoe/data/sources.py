@@ -1,5 +1,6 @@
-"""Where sentence pairs come from. Each source yields, per split, a `datasets.Dataset`
-with string columns `source` and `target`, and checks its input on the way."""
+"""Where the text comes from. Each source yields, per split, a `datasets.Dataset` with our
+column names (`source`/`target` for translation, `text`/`label` for classification,
+`text` for language modelling), and checks its input on the way."""
 
 import gzip
 import hashlib
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+from lightning.pytorch.utilities import rank_zero_info
 
 from adamoe.data import synthetic
 
@@ -22,6 +24,10 @@ def _pairs(sources: list[str], targets: list[str]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"source": sources, "target": targets})
 
 
+def _split_seed(seed: int, split: str) -> int:
+    return seed * 10 + SPLITS.index(split)  # distinct per split: the splits stay apart
+
+
 class DataSource:
     """Base class. `load(split)` returns the split, or None when the source has no such split."""
 
@@ -34,15 +40,33 @@ class DataSource:
 
 
 class Synthetic(DataSource):
-    """The embedded task (see `adamoe.data.synthetic`): generated, no download."""
+    """The embedded translation task (see `adamoe.data.synthetic`): generated, no download."""
 
     def __init__(self, train_size: int = 20000, val_size: int = 500, test_size: int = 500, seed: int = 0):
         self.train_size, self.val_size, self.test_size, self.seed = train_size, val_size, test_size, seed
 
+    def size(self, split: str) -> int:
+        return {"train": self.train_size, "val": self.val_size, "test": self.test_size}[split]
+
     def load(self, split):
-        size = {"train": self.train_size, "val": self.val_size, "test": self.test_size}[split]
-        # Distinct seeds per split keep the splits apart; the lexicon is shared.
-        return _pairs(*synthetic.generate(size, seed=self.seed * 10 + SPLITS.index(split)))
+        return _pairs(*synthetic.generate(self.size(split), seed=_split_seed(self.seed, split)))
+
+
+class SyntheticSentiment(Synthetic):
+    """The embedded classification task (`synthetic.sentiment`): label 1 for a positive
+    sentence, 0 for a negative one. Some sentences carry one decisive word; others need
+    negation or a contrast clause read right."""
+
+    def load(self, split):
+        texts, labels = synthetic.sentiment(self.size(split), seed=_split_seed(self.seed, split))
+        return datasets.Dataset.from_dict({"text": texts, "label": labels})
+
+
+class SyntheticText(Synthetic):
+    """The embedded language-modelling task: sentences of the synthetic grammar."""
+
+    def load(self, split):
+        return datasets.Dataset.from_dict({"text": synthetic.generate(self.size(split), seed=_split_seed(self.seed, split))[0]})
 
 
 def _file_stamp(path: Path) -> str:
@@ -103,6 +127,28 @@ class ParallelText(DataSource):
         return _pairs(src, tgt)
 
 
+class TextLines(DataSource):
+    """Plain text, one document a line (optionally `.gz`), for language modelling. Blank
+    lines separate paragraphs in many corpora: they are skipped, and counted in the log."""
+
+    def __init__(self, train: str, val: str, test: str | None = None):
+        self.files = {"train": train, "val": val, "test": test}
+
+    def fingerprint(self):
+        return super().fingerprint() + "|".join(_file_stamp(Path(f)) for f in self.files.values() if f and Path(f).exists())
+
+    def load(self, split):
+        if self.files[split] is None:
+            return None
+        lines = _read_lines(Path(self.files[split]))
+        texts = [line for line in lines if line.strip()]
+        if not texts:
+            raise DataError(f"{self.files[split]}: no text, only blank lines")
+        if len(texts) < len(lines):
+            rank_zero_info(f"{self.files[split]}: skipped {len(lines) - len(texts)} blank lines of {len(lines)}")
+        return datasets.Dataset.from_dict({"text": texts})
+
+
 def _get(row: dict, column: str):
     """`column` may address a nested field, e.g. `translation.de`."""
     for key in column.split("."):
@@ -110,37 +156,42 @@ def _get(row: dict, column: str):
     return row
 
 
-def _select_columns(ds: datasets.Dataset, src_column: str, tgt_column: str, where: str, first_line: int) -> datasets.Dataset:
+def _select_columns(ds: datasets.Dataset, columns: dict[str, str], where: str, first_line: int) -> datasets.Dataset:
+    """Our columns (`columns`' keys) from the file's (its values). Text must be non-blank;
+    a `label` may also be an integer."""
     if len(ds) == 0:
         raise DataError(f"{where}: empty dataset")
     row = ds[0]
-    for col in (src_column, tgt_column):
+    for col in columns.values():
         try:
             _get(row, col)
         except (KeyError, TypeError):
             raise DataError(f"{where}: no column {col!r}; columns are {ds.column_names}") from None
-    src = [_get(r, src_column) for r in ds]
-    tgt = [_get(r, tgt_column) for r in ds]
-    for i, (s, t) in enumerate(zip(src, tgt)):
-        for col, v in ((src_column, s), (tgt_column, t)):
-            if not isinstance(v, str) or not v.strip():
-                raise DataError(f"{where}:{i + first_line}: column {col!r} is empty or not text ({v!r})")
-    return _pairs(src, tgt)
+    out = {ours: [_get(r, theirs) for r in ds] for ours, theirs in columns.items()}
+    for ours, values in out.items():
+        for i, v in enumerate(values):
+            if not ((isinstance(v, str) and v.strip()) or (ours == "label" and isinstance(v, int) and not isinstance(v, bool))):
+                raise DataError(f"{where}:{i + first_line}: column {columns[ours]!r} is empty or not {'a label' if ours == 'label' else 'text'} ({v!r})")
+    return datasets.Dataset.from_dict(out)
 
 
 class TableFiles(DataSource):
-    """TSV, CSV, JSON Lines or Parquet files with a source and a target column.
+    """TSV, CSV, JSON Lines or Parquet files.
 
-    The format follows the file extension unless `format` is given. Nested JSON fields are
-    addressed with dots (`translation.de`). Error lines count from 1 and, for TSV/CSV,
-    include the header line.
+    `columns` maps the task's columns to the file's: `{"source": "de", "target": "en"}` for
+    translation (the default names `source`/`target`), `{"text": "sentence", "label":
+    "label"}` for classification, `{"text": "text"}` for language modelling. Nested JSON
+    fields are addressed with dots (`translation.de`). The format follows the file
+    extension unless `format` is given. Error lines count from 1 and, for TSV/CSV, include
+    the header line.
     """
 
     FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
-    def __init__(self, train: str, val: str, test: str | None = None, src_column: str = "source", tgt_column: str = "target", format: str | None = None):
+    def __init__(self, train: str, val: str, test: str | None = None, columns: dict[str, str] | None = None, format: str | None = None):
         self.files = {"train": train, "val": val, "test": test}
-        self.src_column, self.tgt_column, self.format = src_column, tgt_column, format
+        self.columns = columns or {"source": "source", "target": "target"}
+        self.format = format
 
     def fingerprint(self):
         return super().fingerprint() + "|".join(_file_stamp(Path(f)) for f in self.files.values() if f and Path(f).exists())
@@ -159,23 +210,24 @@ class TableFiles(DataSource):
             ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train", **kwargs)
         except Exception as e:  # the loaders raise many types; keep the file name in front
             raise DataError(f"{path}: cannot read as {fmt}: {e}") from e
-        return _select_columns(ds, self.src_column, self.tgt_column, path, first_line=2 if fmt in ("tsv", "csv") else 1)
+        return _select_columns(ds, self.columns, path, first_line=2 if fmt in ("tsv", "csv") else 1)
 
 
 class HubDataset(DataSource):
     """A Hugging Face hub dataset, for machines with network access.
 
-    `splits` maps our split names to the hub's, e.g. `{"val": "validation"}`; columns may
-    be nested (`translation.de`, as in WMT datasets).
+    `columns` maps the task's columns to the dataset's, as for `TableFiles`; they may be
+    nested (`translation.de`, as in WMT datasets). `splits` maps our split names to the
+    hub's, e.g. `{"val": "validation"}`.
     """
 
-    def __init__(self, name: str, src_column: str, tgt_column: str, config: str | None = None, splits: dict[str, str] | None = None):
-        self.name, self.config, self.src_column, self.tgt_column = name, config, src_column, tgt_column
+    def __init__(self, name: str, columns: dict[str, str], config: str | None = None, splits: dict[str, str] | None = None):
+        self.name, self.config, self.columns = name, config, columns
         self.splits = {"train": "train", "val": "validation", "test": "test", **(splits or {})}
 
     def load(self, split):
         ds = datasets.load_dataset(self.name, self.config, split=self.splits[split])
-        return _select_columns(ds, self.src_column, self.tgt_column, f"{self.name}[{self.splits[split]}]", first_line=1)
+        return _select_columns(ds, self.columns, f"{self.name}[{self.splits[split]}]", first_line=1)
 
 
 def digest(parts: Sequence[str]) -> str:

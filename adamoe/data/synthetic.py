@@ -99,3 +99,32 @@ def generate(num_samples: int, seed: int = 0, lexicon_seed: int = 1234) -> tuple
         sources.append(" ".join(src) + " .")
         targets.append(" ".join(tgt) + " .")
     return sources, targets
+
+
+def sentiment(num_samples: int, seed: int = 0, lexicon_seed: int = 1234) -> tuple[list[str], list[int]]:
+    """Sentences of the source language with a sentiment label (1 positive, 0 negative).
+
+    Half carry one decisive polar word; a quarter negate it (`nicht` flips the label); a
+    quarter contrast two clauses (`aber`: the second clause's word decides).
+    """
+    lex = Lexicon(random.Random(lexicon_seed))
+    polar_rng = random.Random(lexicon_seed + 1)
+    words = ["".join(polar_rng.choice(CONSONANTS) + polar_rng.choice(VOWELS) for _ in range(3)) for _ in range(16)]
+    positive, negative = words[:8], words[8:]
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(num_samples):
+        label = rng.random() < 0.5
+        clause = _clause(rng, lex, subordinate=False)[0]
+        kind = rng.random()
+        if kind < 0.5:
+            body = clause + [rng.choice(positive if label else negative)]
+        elif kind < 0.75:
+            body = clause + ["nicht", rng.choice(negative if label else positive)]
+        else:
+            first = rng.choice(negative if label else positive)
+            second = _clause(rng, lex, subordinate=False)[0]
+            body = [first] + clause + [",", "aber"] + second + [rng.choice(positive if label else negative)]
+        texts.append(" ".join(body) + " .")
+        labels.append(int(label))
+    return texts, labels
