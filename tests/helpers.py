@@ -49,3 +49,38 @@ def scalars(run_dir: Path) -> dict:
     ea = EventAccumulator(str(run_dir))
     ea.Reload()
     return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+TASKS = {
+    "classification": ("adamoe.ClassificationModule", "adamoe.data.ClassificationData", "adamoe.data.SyntheticSentiment", {"num_encoder_layers": 2}),
+    "causal_lm": ("adamoe.LanguageModelModule", "adamoe.data.LanguageModelData", "adamoe.data.SyntheticText", {"num_decoder_layers": 2, "max_new_tokens": 6}),
+}
+
+
+def tiny_task_config(tmp: Path, task: str, steps: int = 30) -> Path:
+    """A few-step run of an encoder-only or decoder-only task on its embedded data."""
+    module, data, source, arch = TASKS[task]
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": steps,
+            "val_check_interval": steps // 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp / "logs"), "name": task}},
+        },
+        "model": {"class_path": module, "init_args": {
+            "d_model": 32, "n_heads": 2, "d_ff": 64, "num_experts": 4, "dropout": 0.0, "predict_output": str(tmp / "pred.txt"),
+            "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+            "lr_scheduler": {"class_path": "adamoe.module.WarmupInverseSqrt", "init_args": {"warmup_steps": 5}},
+            **arch,
+        }},
+        "data": {"class_path": data, "init_args": {
+            "source": {"class_path": source, "init_args": {"train_size": 400, "val_size": 16, "test_size": 12}},
+            "vocab_size": 300, "max_tokens": 400, "cache_dir": str(tmp / "cache"),
+        }},
+    }  # fmt: skip
+    path = tmp / f"{task}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

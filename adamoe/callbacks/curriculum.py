@@ -4,6 +4,7 @@ import torch
 from lightning.pytorch import Callback
 
 from adamoe.data.batching import spearman
+from adamoe.data.datamodule import token_counts
 
 
 class Curriculum(Callback):
@@ -43,8 +44,8 @@ class Curriculum(Callback):
             return
         names = pl_module.model.moe_layer_names
         n_enc = sum(n.startswith("enc.") for n in names)
-        B = batch["src"].shape[0]
-        real = ((~batch["src_pad"]).sum(1), (~batch["tgt_pad"]).sum(1))
+        B = batch["index"].shape[0]
+        real = token_counts(batch)
         two_BL = torch.stack([r.two_expert_counts(B) for r in routings], 1)
         tokens_BL = torch.stack([real[0] if i < n_enc else real[1] for i in range(len(routings))], 1)
         trainer.datamodule.train_sampler.record(batch["index"], two_BL, tokens_BL)

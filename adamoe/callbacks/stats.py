@@ -4,6 +4,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
+from adamoe.data.datamodule import token_counts
 from adamoe.gates import Routing
 
 # Columns of a layer's count row; expert loads follow.
@@ -70,7 +71,7 @@ class ExpertStats(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         counts = routing_counts(pl_module.train_routings) if pl_module.train_routings else None
-        tokens = torch.stack([(~batch["src_pad"]).sum(), (~batch["tgt_pad"]).sum()]).double()
+        tokens = torch.stack([t.sum() for t in token_counts(batch)]).double()
         self.step_counts = counts if self.step_counts is None else self.step_counts + counts
         self.epoch_counts = counts if self.epoch_counts is None else self.epoch_counts + counts
         self.step_tokens = self.step_tokens + tokens

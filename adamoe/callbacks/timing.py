@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch import Callback
 
 from adamoe.callbacks.run import update_metrics_json
+from adamoe.data.datamodule import token_counts
 
 
 class EpochTimer(Callback):
@@ -37,7 +38,8 @@ class EpochTimer(Callback):
         self.tokens = torch.zeros((), dtype=torch.float64, device=pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.tokens += (~batch["src_pad"]).sum() + (~batch["tgt_pad"]).sum()
+        src, tgt = token_counts(batch)
+        self.tokens += src.sum() + tgt.sum()
 
     def on_validation_start(self, trainer, pl_module):
         self.val_start = time.perf_counter()

@@ -204,6 +204,15 @@ def _pad(seqs: list[list[int]]) -> torch.Tensor:
     return out
 
 
+def token_counts(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-padding source and target tokens of each sample, [B] each; zeros for a side the
+    task does not have."""
+    zeros = torch.zeros_like(batch["index"])
+    src = (~batch["src_pad"]).sum(1) if "src_pad" in batch else zeros
+    tgt = (~batch["tgt_pad"]).sum(1) if "tgt_pad" in batch else zeros
+    return src, tgt
+
+
 def collate(indices: list[int], src_ids=None, tgt_ids=None, label=None, target=None) -> dict:
     batch = {"index": torch.as_tensor(indices)}
     if src_ids is not None:

@@ -1,0 +1,85 @@
+"""Encoder-only classification and decoder-only language modelling, end to end and exact."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import scalars, tiny_task_config, train
+
+from adamoe import ClassificationModule, LanguageModelModule
+from adamoe.data.datamodule import collate
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_task_trains_then_validates_tests_and_predicts_from_the_checkpoint(task, tmp_path):
+    cfg = tiny_task_config(tmp_path, task)
+    train("fit", "--config", cfg, "--data.curriculum", "paper", "--trainer.max_epochs", 6, "--trainer.max_steps", -1, cwd=tmp_path)
+    logged = scalars(tmp_path / "logs" / task / "version_0")
+    losses = [v for _, v in logged["train/loss"]]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert len(logged["curriculum/spearman"]) == 6  # the curriculum ran on this architecture
+    ckpt = tmp_path / "logs" / task / "checkpoints" / "last.ckpt"
+    for sub in ("validate", "test"):
+        out = train(sub, "--config", cfg, "--ckpt_path", ckpt, cwd=tmp_path)
+        assert f"{'val' if sub == 'validate' else 'test'}/loss" in out.stdout
+    train("predict", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp_path)
+    lines = (tmp_path / "pred.txt").read_text().splitlines()
+    assert len(lines) == 12
+    if task == "classification":
+        assert set(lines) <= {"0", "1"}
+        assert {"val/acc", "val/f1"} <= set(logged)
+
+
+def test_classification_metrics_are_exact_on_a_hand_made_batch():
+    torch.manual_seed(0)
+    m = ClassificationModule(num_classes=3, vocab_size=20, d_model=8, n_heads=2, d_ff=16, num_encoder_layers=1, num_experts=2)
+    batch = collate([0, 1, 2, 3, 4], src_ids=[[5, 2]] * 5, label=[0, 1, 2, 2, 1])
+    # Fix the logits: predictions 0, 1, 1, 2, 0 against labels 0, 1, 2, 2, 1.
+    logits = torch.tensor([[3.0, 0, 0], [0, 3, 0], [0, 3, 0], [0, 0, 3], [3, 0, 0]])
+    m.forward = lambda b: (logits, [])
+    m._evaluate("val", batch)
+    acc = m.metrics["val"]["acc"].compute().item()
+    f1 = m.metrics["val"]["f1"].compute().item()
+    loss = m.metrics["val"]["loss"].compute().item()
+    assert acc == pytest.approx(3 / 5)
+    # Per class: 0: P 1/2 R 1 -> 2/3; 1: P 1/2 R 1/2 -> 1/2; 2: P 1 R 1/2 -> 2/3.
+    assert f1 == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert loss == pytest.approx(F.cross_entropy(logits, batch["label"]).item())
+
+
+def test_lm_perplexity_is_exp_of_the_mean_token_loss():
+    torch.manual_seed(0)
+    m = LanguageModelModule(vocab_size=30, d_model=16, n_heads=2, d_ff=32, num_decoder_layers=2, num_experts=2, dropout=0.0).eval()
+    texts = [[5, 6, 7, 2], [8, 2], [9, 10, 11, 12, 13, 2]]
+    batches = [collate([0, 1], tgt_ids=texts), collate([2], tgt_ids=texts)]
+    total, count = 0.0, 0
+    for b in batches:
+        m._evaluate(m.val_loss, b)
+        logits, _ = m(b)
+        for row in range(b["tgt_out"].shape[0]):
+            for t in range(b["tgt_out"].shape[1]):
+                if not b["tgt_pad"][row, t]:
+                    total += -torch.log_softmax(logits[row, t], -1)[b["tgt_out"][row, t]].item()
+                    count += 1
+    logged = {}
+    m.log_epoch = logged.update
+    m.on_validation_epoch_end()
+    assert logged["val/loss"].item() == pytest.approx(total / count, rel=1e-5)
+    assert logged["val/ppl"].item() == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_decoder_only_has_no_cross_attention_and_cached_continuation_matches():
+    torch.manual_seed(0)
+    m = LanguageModelModule(vocab_size=30, d_model=16, n_heads=2, d_ff=32, num_decoder_layers=2, num_experts=2, dropout=0.0).eval()
+    assert all(b.cross_attn is None for b in m.model.decoder) and len(m.model.encoder) == 0
+    prompt = torch.randint(3, 30, (3, 4))
+    out = m.model.continue_text(prompt, eos_id=2, max_new_tokens=5)
+    ys = prompt
+    for _ in range(out.shape[1]):  # greedy without the cache
+        logits, _ = m.model.decode(ys)
+        ys = torch.cat([ys, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    for row in range(3):
+        ref = ys[row, 4:].tolist()
+        n = ref.index(2) + 1 if 2 in ref else len(ref)
+        assert out[row, :n].tolist() == ref[:n]
