@@ -57,3 +57,18 @@ def test_warmup_inverse_sqrt_schedule():
         sched.step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[15] == pytest.approx((4 / 16) ** 0.5)
+
+
+def test_warmup_cosine_schedule():
+    from adamoe.module import WarmupCosine
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = WarmupCosine(opt, total_steps=12, warmup_steps=2, min_ratio=0.1)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:2] == pytest.approx([0.5, 1.0])
+    assert lrs[2] == pytest.approx(1.0) and lrs[7] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert lrs[12] == pytest.approx(0.1) and lrs[13] == pytest.approx(0.1)
