@@ -83,3 +83,37 @@ def test_decoder_only_has_no_cross_attention_and_cached_continuation_matches():
         ref = ys[row, 4:].tolist()
         n = ref.index(2) + 1 if 2 in ref else len(ref)
         assert out[row, :n].tolist() == ref[:n]
+
+
+def test_lm_data_packs_texts_without_dropping_any_token(tmp_path):
+    from adamoe.data import LanguageModelData, TextLines
+
+    (tmp_path / "train.txt").write_text("a b c\n\nd e\nf g h i j\n")
+    (tmp_path / "val.txt").write_text("a b\n")
+    src = TextLines(str(tmp_path / "train.txt"), str(tmp_path / "val.txt"))
+    assert src.load("train")["text"] == ["a b c", "d e", "f g h i j"]  # the blank line is skipped
+    padded = LanguageModelData(src, vocab_size=40, max_tokens=256, cache_dir=str(tmp_path / "cache"))
+    padded.prepare_data()
+    padded.setup("fit")
+    packed = LanguageModelData(src, vocab_size=40, max_tokens=256, pack_to=4, cache_dir=str(tmp_path / "cache"))
+    packed.setup("fit")
+    stream = [t for ids in padded.splits["train"]["tgt_ids"] for t in ids]
+    blocks = packed.splits["train"]["tgt_ids"]
+    assert [t for b in blocks for t in b] == stream and all(len(b) == 4 for b in blocks[:-1])
+    assert sorted(i for b in packed.train_dataloader() for i in b["index"].tolist()) == list(range(len(blocks)))
+
+
+def test_classification_data_numbers_string_labels_and_checks_them(tmp_path):
+    from adamoe.data import ClassificationData, DataError, TableFiles
+
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\ngood film\tpos\nbad film\tneg\nfine film\tneutral\n")
+    val = tmp_path / "val.tsv"
+    val.write_text("sentence\tlabel\ngood\tpos\n")
+    src = TableFiles(str(train), str(val), columns={"text": "sentence", "label": "label"})
+    dm = ClassificationData(src, num_classes=3, vocab_size=40, max_tokens=256, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.splits["train"]["label"] == [2, 0, 1] and dm.splits["val"]["label"] == [2]  # neg, neutral, pos
+    with pytest.raises(DataError, match="outside num_classes=2"):
+        ClassificationData(src, num_classes=2, vocab_size=40, max_tokens=256, cache_dir=str(tmp_path / "cache")).setup("fit")
