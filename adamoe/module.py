@@ -284,6 +284,9 @@ class ClassificationModule(MoEModule):
     test; predict writes one class id a line. `num_classes` comes from the data."""
 
     def __init__(self, num_classes: int = 2, pooling: Literal["mean", "first"] = "mean", **kwargs):
+        # A checkpoint's hyperparameters hold the 0 given here; anything else is a mistake.
+        if kwargs.pop("num_decoder_layers", 0):
+            raise ValueError("ClassificationModule is encoder-only: it has no decoder layers")
         super().__init__(num_decoder_layers=0, **kwargs)
         self.head = torch.nn.Linear(self.hparams.d_model, num_classes)
         self.metrics = torch.nn.ModuleDict(
@@ -347,6 +350,9 @@ class LanguageModelModule(MoEModule):
     (from the `top_k` likeliest tokens when top_k > 0), and writes one continuation a line."""
 
     def __init__(self, prompt_tokens: int = 8, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, **kwargs):
+        # A checkpoint's hyperparameters hold the 0 given here; anything else is a mistake.
+        if kwargs.pop("num_encoder_layers", 0):
+            raise ValueError("LanguageModelModule is decoder-only: it has no encoder layers")
         super().__init__(num_encoder_layers=0, **kwargs)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 

@@ -34,6 +34,9 @@ def test_task_trains_then_validates_tests_and_predicts_from_the_checkpoint(task,
 def test_classification_metrics_are_exact_on_a_hand_made_batch():
     torch.manual_seed(0)
     m = ClassificationModule(num_classes=3, vocab_size=20, d_model=8, n_heads=2, d_ff=16, num_encoder_layers=1, num_experts=2)
+    assert len(ClassificationModule(**m.hparams).model.decoder) == 0  # its saved hyperparameters rebuild it
+    with pytest.raises(ValueError, match="encoder-only"):
+        ClassificationModule(vocab_size=20, num_decoder_layers=2)
     batch = collate([0, 1, 2, 3, 4], src_ids=[[5, 2]] * 5, label=[0, 1, 2, 2, 1])
     # Fix the logits: predictions 0, 1, 1, 2, 0 against labels 0, 1, 2, 2, 1.
     logits = torch.tensor([[3.0, 0, 0], [0, 3, 0], [0, 3, 0], [0, 0, 3], [3, 0, 0]])
