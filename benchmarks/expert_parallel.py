@@ -37,8 +37,8 @@ def run(config, gate, ep: bool, steps: int, out: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", config, *GATES[gate], "--model.expert_parallel", str(ep).lower()]
     cmd += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps)]
     cmd += ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"]
-    cmd += ["--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name, "--trainer.enable_checkpointing", "false"]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    cmd += ["--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     run_dir = max((out / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     epochs = json.loads((run_dir / "metrics.json").read_text())["epochs"]
     tb = scalars(run_dir)
