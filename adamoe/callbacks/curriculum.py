@@ -26,6 +26,7 @@ class Curriculum(Callback):
 
     def __init__(self, ep_ranks: int = 8):
         self.ep_ranks = ep_ranks
+        self._trainer = None
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.loads = []
