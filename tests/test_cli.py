@@ -78,8 +78,8 @@ def test_every_config_instantiates(config, tmp_path):
     from adamoe.cli import main
 
     args = ["--config", str(config)]
-    if config.name != "quickstart.yaml" and config.name != "multi30k.yaml":
-        args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), *args]  # gates and presets compose with a task
+    if config.parent.name in ("gate", "preset"):
+        args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), *args]  # they compose with a task config
     if config.name == "multi30k.yaml":
         args += ["--data.source.init_args.root", str(tmp_path)]
     args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--data.cache_dir", str(tmp_path)]
@@ -87,3 +87,14 @@ def test_every_config_instantiates(config, tmp_path):
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32"]
     cli = main(args, run=False)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+
+
+@pytest.mark.parametrize("task", ["quickstart.yaml", "task/classification.yaml", "task/causal_lm.yaml"])
+@pytest.mark.parametrize("gate", ["dense", "top1", "top2", "adaptive"])
+def test_gate_configs_compose_with_every_task(task, gate, tmp_path):
+    from adamoe.cli import main
+
+    cli = main(["--config", str(ROOT / "configs" / task), "--config", str(ROOT / "configs" / "gate" / f"{gate}.yaml"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.cache_dir", str(tmp_path)], run=False)  # fmt: skip
+    gates = {type(layer.gate).__name__ for layer in cli.model.model.moe_layers()}
+    assert gates == ({"dense": set(), "top1": {"Top1Gate"}, "top2": {"Top2Gate"}, "adaptive": {"AdaptiveGate"}}[gate])
