@@ -2,7 +2,6 @@
 
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from adamoe.callbacks import Checkpoint, Curriculum, EpochTimer, ExpertStats, MetricsSummary, RoutingAnalysis
 from adamoe.data import TextData

@@ -39,7 +39,12 @@ def ours(gate):
 
 
 def hf_models(tokens: int):
-    from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    from transformers import (
+        NllbMoeConfig,
+        NllbMoeForConditionalGeneration,
+        SwitchTransformersConfig,
+        SwitchTransformersForConditionalGeneration,
+    )
 
     nllb = NllbMoeForConditionalGeneration(
         NllbMoeConfig(

@@ -1,6 +1,3 @@
-import csv
-import json
-import math
 
 import pytest
 import torch
