@@ -12,6 +12,7 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from adamoe.data import tokenizer as bpe
@@ -110,8 +111,6 @@ class TextData(LightningDataModule):
 
     def setup(self, stage: str | None = None):
         """Every rank: load the cached splits and apply the length limits."""
-        from tokenizers import Tokenizer
-
         self.tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
         if self.tokenizer.get_vocab_size() > self.vocab_size:
             raise DataError(f"{self.tokenizer_path}: {self.tokenizer.get_vocab_size()} tokens, more than vocab_size={self.vocab_size}")
