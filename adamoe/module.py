@@ -205,7 +205,8 @@ class TranslationModule(MoEModule):
     """Sequence to sequence: label-smoothed cross-entropy (`train/nll` is the plain one).
 
     Per validation: `val/loss` (token cross-entropy), `val/ppl` and `val/bleu` (sacreBLEU,
-    0-100, greedy decodes of the first `bleu_batches` batches of each rank). `test`
+    0-100, greedy decodes of the first `bleu_batches` batches of each rank; not logged
+    with `bleu_batches: 0`). `test`
     decodes with beam search; `predict` writes one hypothesis a line, in dataset order,
     to `predict_output`.
     """
@@ -259,14 +260,17 @@ class TranslationModule(MoEModule):
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, batch_idx, self.test_loss, self.test_bleu, self.hparams.beam_size, -1)
 
-    def _log_eval(self, stage, loss_metric, bleu_metric):
+    def _log_eval(self, stage, loss_metric, bleu_metric, bleu: bool = True):
         loss = loss_metric.compute()
-        self.log_epoch({f"{stage}/loss": loss, f"{stage}/ppl": loss.exp(), f"{stage}/bleu": 100 * bleu_metric.compute()})
+        values = {f"{stage}/loss": loss, f"{stage}/ppl": loss.exp()}
+        if bleu:
+            values[f"{stage}/bleu"] = 100 * bleu_metric.compute()
+        self.log_epoch(values)
         loss_metric.reset()
         bleu_metric.reset()
 
     def on_validation_epoch_end(self):
-        self._log_eval("val", self.val_loss, self.val_bleu)
+        self._log_eval("val", self.val_loss, self.val_bleu, self.hparams.bleu_batches != 0)
 
     def on_test_epoch_end(self):
         self._log_eval("test", self.test_loss, self.test_bleu)

@@ -56,9 +56,9 @@ def test_spearman_with_ties():
     assert spearman(torch.arange(4.0), torch.tensor([4.0, 3.0, 2.0, 1.0])) == pytest.approx(-1.0)
 
 
-def sampler(rank=0, order="paper", world=1):
+def sampler(rank=0, order="paper", world=1, pool=0):
     lengths = [(i * 5) % 11 + 2 for i in range(60)]
-    return ShardedBatchSampler(lengths, max_tokens=30, order=order, seed=4, num_replicas=world, rank=rank)
+    return ShardedBatchSampler(lengths, max_tokens=30, order=order, seed=4, num_replicas=world, rank=rank, pool=pool)
 
 
 def feed_epoch(samplers, seed=0):
@@ -90,6 +90,21 @@ def test_two_ranks_compute_the_same_order_and_see_every_sample_once():
     assert seen == list(range(60))
     total = feed_epoch(ranks, seed=1)
     assert torch.equal(total[1][:, 0], torch.tensor([float(l) for l in ranks[0].lengths]))  # once each
+
+
+def test_pooled_order_sorts_each_pool_of_the_curriculum_by_length():
+    plain, pooled = sampler(), sampler(pool=16)
+    feed_epoch([plain, pooled])
+    plain.set_epoch(1)
+    pooled.set_epoch(1)
+    order = [i for b in plain.global_batches() for i in b]
+    flat = [i for b in pooled.global_batches() for i in b]
+    for start in range(0, 60, 16):
+        expected = order[start : start + 16]
+        got = flat[start : start + 16]
+        assert sorted(got) == sorted(expected)  # the same samples in each pool
+        assert [pooled.lengths[i] for i in got] == sorted(pooled.lengths[i] for i in expected)
+    assert len(pooled) < len(plain)  # sorting by length packs tighter
 
 
 def test_resuming_mid_epoch_continues_the_same_order():

@@ -40,7 +40,9 @@ def summarize(counts_LC: Tensor, names: list[str]) -> dict[str, float]:
         out[f"experts/{name}/aux_loss"] = float(c[AUX] / c[STEPS].clamp_min(1))  # mean over steps and ranks
         out[f"experts/{name}/dropped"] = float(c[DROPPED])
     if len(names):
-        out["experts/model/experts_per_token"] = float(counts_LC[:, ASSIGNMENTS].sum() / counts_LC[:, TOKENS].sum().clamp_min(1))
+        tokens = counts_LC[:, TOKENS].sum().clamp_min(1)
+        out["experts/model/two_expert_share"] = float(counts_LC[:, TWO_EXPERT].sum() / tokens)
+        out["experts/model/experts_per_token"] = float(counts_LC[:, ASSIGNMENTS].sum() / tokens)
     return out
 
 

@@ -17,25 +17,44 @@ class EpochTimer(Callback):
     Time-to-target: the wall time since the start of fit at which `monitor` first reached
     `target` (at or below it in mode `min`), taken when the validation that reached it
     began, i.e. the training time that produced that model, earlier validations
-    included. This is how the paper measures training time.
+    included. This is how the paper measures training time. With `stop_at_target`, fit
+    stops there.
+
+    Every validation also adds a point to `curve`: step, wall time since the start of fit,
+    training time alone (validations excluded; on rank 0) and the `monitor` value, so that
+    time-to-target can be read afterwards for any target.
 
     All of it goes to the logger and, at the end of fit, into `metrics.json`.
     """
 
-    def __init__(self, target: float | None = None, monitor: str = "val/loss", mode: str = "min"):
+    def __init__(self, target: float | None = None, monitor: str = "val/loss", mode: str = "min", stop_at_target: bool = False):
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        self.target, self.monitor, self.mode = target, monitor, mode
+        if stop_at_target and target is None:
+            raise ValueError("stop_at_target needs a target")
+        self.target, self.monitor, self.mode, self.stop_at_target = target, monitor, mode, stop_at_target
 
     def on_fit_start(self, trainer, pl_module):
         self.fit_start = time.perf_counter()
         self.epochs: list[dict] = []
         self.reached: dict | None = None
+        self.curve: list[dict] = []
+        self.train_s = 0.0  # training time of finished epochs, validations excluded
         self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts no epoch
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.epoch_start, self.val_time = time.perf_counter(), 0.0
+        self.epoch_start, self.val_time, self.val_start = time.perf_counter(), 0.0, None
         self.tokens = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+
+    def _close_validation(self):
+        # Validation ends at the next training batch, not at `on_validation_end`: the
+        # checkpoint saved after it is not training time either.
+        if self.val_start is not None:
+            self.val_time += time.perf_counter() - self.val_start
+            self.val_start = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._close_validation()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         src, tgt = token_counts(batch)
@@ -46,17 +65,23 @@ class EpochTimer(Callback):
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.state.fn != "fit":
+            self.val_start = None
             return
-        self.val_time += time.perf_counter() - self.val_start
+        train_s = self.train_s + self.val_start - self.epoch_start - self.val_time
         value = trainer.callback_metrics.get(self.monitor)
-        if self.target is None or self.reached is not None or value is None:
+        if value is None:
+            return
+        self.curve.append({"step": trainer.global_step, "wall_s": self.val_start - self.fit_start, "train_s": train_s, "value": float(value)})
+        if self.target is None or self.reached is not None:
             return
         if (float(value) <= self.target) if self.mode == "min" else (float(value) >= self.target):
-            self.reached = {"seconds": self.val_start - self.fit_start, "step": trainer.global_step, "epoch": trainer.current_epoch, "value": float(value)}
+            self.reached = {"seconds": self.val_start - self.fit_start, "train_s": train_s, "step": trainer.global_step, "epoch": trainer.current_epoch, "value": float(value)}
             if trainer.logger is not None:
                 trainer.logger.log_metrics({"time/to_target_s": self.reached["seconds"]}, step=trainer.global_step)
+            trainer.should_stop = trainer.should_stop or self.stop_at_target
 
     def on_train_epoch_end(self, trainer, pl_module):
+        self._close_validation()
         seconds = torch.tensor(time.perf_counter() - self.epoch_start - self.val_time, dtype=torch.float64, device=pl_module.device)
         per_rank = trainer.strategy.all_gather(seconds).reshape(-1)
         tokens = float(trainer.strategy.reduce(self.tokens, reduce_op="sum"))
@@ -68,6 +93,7 @@ class EpochTimer(Callback):
             "tokens_per_s": tokens / max(float(per_rank.max()), 1e-9),
         }
         self.epochs.append(epoch)
+        self.train_s += time.perf_counter() - self.epoch_start - self.val_time
         if trainer.logger is not None:
             metrics = {f"time/epoch_{k}": epoch[k] for k in ("max_s", "mean_s")}
             metrics["time/tokens_per_s"] = epoch["tokens_per_s"]
@@ -82,5 +108,6 @@ class EpochTimer(Callback):
                     "epochs": self.epochs,
                     "tokens_per_s": sum(e["tokens"] for e in self.epochs) / max(1e-9, sum(e["max_s"] for e in self.epochs)),
                     "time_to_target": {"target": self.target, "monitor": self.monitor, **(self.reached or {"seconds": None})},
+                    "curve": self.curve,
                 },
             )

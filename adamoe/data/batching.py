@@ -6,6 +6,9 @@ Orders:
 - `random`: a seeded shuffle, packed as it comes;
 - `paper`: the curriculum of Li et al. (2023), section 3.2, from last epoch's routing
   complexity (see `curriculum_order`); `reverse`: the same, most complex first.
+  With `pool` > 0, the curriculum order is cut into consecutive pools of `pool` samples
+  and each pool is sorted by length before packing: batches keep their place in the
+  curriculum, but stop mixing lengths, which under a token budget costs padding and steps.
 Every order changes with the epoch, from the seed; `sorted` never changes.
 
 Batches are global: with W ranks, global batch i holds consecutive samples of the order
@@ -100,13 +103,15 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: list[int], max_tokens: int | None = None, batch_size: int | None = None, order: str = "length",
-                 seed: int = 0, num_replicas: int = 1, rank: int = 0):
+                 seed: int = 0, num_replicas: int = 1, rank: int = 0, pool: int = 0):
         if not max_tokens and not batch_size:
             raise ValueError("set max_tokens or batch_size")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if pool < 0:
+            raise ValueError(f"pool must be >= 0, got {pool}")
         self.lengths, self.max_tokens, self.batch_size, self.order = lengths, max_tokens, batch_size, order
-        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.seed, self.num_replicas, self.rank, self.pool = seed, num_replicas, rank, pool
         self.epoch, self.consumed = 0, 0
         # Per sample and MoE layer: two-expert and all tokens, from the last full epoch
         # (orders this one) and from this epoch so far. Allocated at the first record.
@@ -138,6 +143,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = curriculum_order(self.two_NL, self.tokens_NL, g, reverse=self.order == "reverse")
+        if self.pool:
+            order = [i for start in range(0, n, self.pool) for i in sorted(order[start : start + self.pool], key=self.lengths.__getitem__)]
         return pack(order, self.lengths, self.max_tokens, self.batch_size, W)
 
     def __iter__(self):

@@ -33,7 +33,8 @@ class TextData(LightningDataModule):
     Training batches follow `curriculum`: `none` is length-bucketed shuffled batches (least
     padding), `random` a plain seeded shuffle, `paper` the curriculum of Li et al. (2023)
     from the routing of the previous epoch (first epoch: `random`), `reverse` the same
-    order backwards. See `adamoe.data.batching`; the `Curriculum` callback feeds it.
+    order backwards. `curriculum_pool` > 0 sorts each run of that many samples of the
+    order by length, to keep padding low. See `adamoe.data.batching`; the `Curriculum` callback feeds it.
 
     Sequences longer than `max_source_len`/`max_target_len` tokens (</s> included) are
     reported per split, then handled by `too_long`: `error` stops with the count, `filter`
@@ -52,6 +53,7 @@ class TextData(LightningDataModule):
         max_target_len: int = 256,
         too_long: Literal["error", "filter", "truncate"] = "error",
         curriculum: Literal["none", "random", "paper", "reverse"] = "none",
+        curriculum_pool: int = 0,
         predict_split: Literal["train", "val", "test"] = "test",
         cache_dir: str = "data",
         num_workers: int = 0,
@@ -65,7 +67,7 @@ class TextData(LightningDataModule):
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.max_len = {ids: {"src_ids": max_source_len, "tgt_ids": max_target_len}[ids] for ids in self.COLUMNS.values()}
         self.too_long = too_long
-        self.curriculum = curriculum
+        self.curriculum, self.curriculum_pool = curriculum, curriculum_pool
         self.predict_split = predict_split
         self.cache_dir = Path(cache_dir)
         self.num_workers = num_workers
@@ -119,7 +121,7 @@ class TextData(LightningDataModule):
                 self.splits[split] = self._limit_lengths(split, datasets.load_from_disk(str(self.dataset_dir / split)))
         if self.train_sampler is None:
             order = {"none": "length"}.get(self.curriculum, self.curriculum)
-            self.train_sampler = self._sampler("train", order)
+            self.train_sampler = self._sampler("train", order, self.curriculum_pool)
 
     def required_columns(self) -> list[str]:
         return list(self.COLUMNS)
@@ -161,11 +163,11 @@ class TextData(LightningDataModule):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _sampler(self, split: str, order: str) -> ShardedBatchSampler:
+    def _sampler(self, split: str, order: str, pool: int = 0) -> ShardedBatchSampler:
         ds = self.splits[split]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         lengths = [max(lens) for lens in zip(*([len(x) for x in ds[ids]] for ids in self.COLUMNS.values()))]
-        return ShardedBatchSampler(lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank)
+        return ShardedBatchSampler(lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank, pool)
 
     def _loader(self, split: str, sampler: ShardedBatchSampler) -> DataLoader:
         ds = self.splits[split]
