@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from curriculum import scalars
 
+from adamoe.callbacks.timing import time_to_target
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["configs/multi30k.yaml", "configs/preset/replicate.yaml"]
 ADAPTIVE = ["configs/gate/adaptive.yaml"]
@@ -67,18 +69,6 @@ def hms(seconds: float) -> str:
     return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def time_to_target(curve: list[dict], target: float) -> float | None:
-    """Training seconds at which the val/loss curve first reaches `target`, interpolated."""
-    for i, point in enumerate(curve):
-        if point["value"] <= target:
-            if i == 0:
-                return point["train_s"]
-            prev = curve[i - 1]
-            frac = (prev["value"] - target) / (prev["value"] - point["value"])
-            return prev["train_s"] + frac * (point["train_s"] - prev["train_s"])
-    return None
-
-
 def train_and_test(name: str, args, max_time: float, target: float | None) -> dict:
     gate_configs, extra = RUNS[name]
     configs = sum((["--config", c] for c in BASE + gate_configs), [])
@@ -105,7 +95,7 @@ def train_and_test(name: str, args, max_time: float, target: float | None) -> di
     def last(tag, board=tb):
         return board[tag][-1] if tag in board else None
 
-    layers = sorted(t.split("/")[1] for t in tb if t.startswith("experts/") and t.endswith("/two_expert_share_epoch") and "/model/" not in t)
+    layers = [t.split("/")[1] for t in tb if t.startswith("experts/") and t.endswith("/two_expert_share_epoch") and "/model/" not in t]
     return {
         "name": name,
         "commands": [{"command": c, "wall_s": round(s, 1)} for c, s in commands],
@@ -122,6 +112,11 @@ def train_and_test(name: str, args, max_time: float, target: float | None) -> di
         "test_loss": last("test/loss", test_tb),
         "routing_words": (run_dir / "fit" / "routing_words.tsv").read_text() if (run_dir / "fit" / "routing_words.tsv").exists() else "",
     }
+
+
+def layer_order(names):
+    """Encoder layers, then decoder layers, each by depth."""
+    return sorted(names, key=lambda n: (n.split(".")[0] != "enc", int(n.split(".")[1])))
 
 
 def fmt(x, spec=".2f", none="n/a"):
@@ -148,7 +143,7 @@ def report(results: dict, args, figure: Path) -> str:
         "",
         f"Measured {datetime.date.today().isoformat()} on {platform.node()}: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, no GPU. Produced by "
-        f"`python benchmarks/replicate.py {' '.join(sys.argv[1:])}`.",
+        f"`python benchmarks/replicate.py --data {args.data}{' --quick' if args.quick else ''}`.",
         "",
         "Model: `configs/multi30k.yaml` (d_model 256, FFN 1024, 8 experts, 3+3 layers, MoE in every second layer: "
         "enc.1 and dec.1) with `configs/preset/replicate.yaml`; seed 0 for every run. "
@@ -176,20 +171,23 @@ def report(results: dict, args, figure: Path) -> str:
         out.append("\nThe paper: without the curriculum, training time grows by 9-22% (13.7% on average) and quality drops by up to 0.21.")
     if figure.exists():
         out += ["", "## Figure 2: two-expert share per layer", "", f"![two-expert share per layer]({figure.relative_to(args.report.parent)})", ""]
-        out.append("| run | " + " | ".join(next(iter(r["layer_share"] for r in results.values() if r["layer_share"]))) + " |")
+        layers = layer_order(next(r["layer_share"] for r in results.values() if r["layer_share"]))
+        out += ["| run | " + " | ".join(layers) + " |", "|---" * (len(layers) + 1) + "|"]
         for r in results.values():
             if r["layer_share"]:
-                out.append(f"| {r['name']} | " + " | ".join(f"{100 * v:.1f}%" for v in r["layer_share"].values()) + " |")
+                out.append(f"| {r['name']} | " + " | ".join(f"{100 * r['layer_share'][layer]:.1f}%" for layer in layers) + " |")
     if "adaptive" in results and results["adaptive"]["routing_words"]:
         out += ["", "## Table 4: words that take two experts (adaptive T=0.1, validation set)", "", "| layer | most often on two experts (share, count) | least often |", "|---|---|---|"]
         rows = [line.split("\t") for line in results["adaptive"]["routing_words"].strip().splitlines()[1:]]
         for layer in dict.fromkeys(r[0] for r in rows):
             cell = {kind: ", ".join(f"{r[3]} ({float(r[6]):.0%}, {r[4]})" for r in rows if r[0] == layer and r[1] == kind and int(r[2]) <= 5) for kind in ("most", "least")}
             out.append(f"| {layer} | {cell['most']} | {cell['least']} |")
-    out += ["", "## Runs", "", "| run | command | wall |", "|---|---|---|"]
+    out += ["", "## Runs", "", "<details><summary>Each run's commands (from the repository root) and wall time</summary>", "", "| run | command | wall |", "|---|---|---|"]
     for r in results.values():
         for c in r["commands"]:
             out.append(f"| {r['name']} | `{c['command']}` | {c['wall_s'] / 60:.1f} min |")
+    total = sum(c["wall_s"] for r in results.values() for c in r["commands"])
+    out += ["", "</details>", "", f"Total wall time of the runs: {total / 60:.0f} min."]
     return "\n".join(out) + "\n"
 
 
@@ -202,7 +200,7 @@ def plot(results: dict, path: Path):
     runs = [r for r in results.values() if r["layer_share"] and r["name"] != "top2"]
     if not runs:
         return
-    layers = list(runs[0]["layer_share"])
+    layers = layer_order(runs[0]["layer_share"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
@@ -226,6 +224,7 @@ def main():
     p.add_argument("--logs", type=Path, default=ROOT / "logs" / "replicate")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "replication")
     p.add_argument("--fresh", action="store_true", help="ignore results of earlier runs")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the stored results, train nothing")
     p.add_argument("--report", type=Path, help="default benchmarks/RESULTS.md, or RESULTS-quick.md with --quick")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -242,7 +241,7 @@ def main():
     results = {} if args.fresh or not store.exists() else json.loads(store.read_text())
     figure = args.out / f"{args.mode}-two-expert-share.png"
 
-    for name in names:
+    for name in [] if args.report_only else names:
         if name in results:
             print(f"{name}: done earlier, kept", flush=True)
             continue
@@ -255,11 +254,16 @@ def main():
         print(f"{name}: {r['steps']} steps, best val/loss {r['best_val_loss']:.3f}, test BLEU {fmt(r['test_bleu'])}, {(time.perf_counter() - started) / 60:.1f} min", flush=True)
         store.parent.mkdir(parents=True, exist_ok=True)
         store.write_text(json.dumps(results, indent=1) + "\n")
-        plot(results, figure)
-        text = report(results, args, figure)
-        kept = args.report.read_text().partition("\n## Discussion")[2] if args.report.exists() else ""
-        args.report.write_text(text + ("\n## Discussion" + kept if kept else ""))
+        write_report(results, args, figure)
+    if args.report_only:
+        write_report(results, args, figure)
     print(args.report.read_text())
+
+
+def write_report(results: dict, args, figure: Path):
+    plot(results, figure)
+    kept = args.report.read_text().partition("\n## Discussion")[2] if args.report.exists() else ""
+    args.report.write_text(report(results, args, figure) + ("\n## Discussion" + kept if kept else ""))
 
 
 if __name__ == "__main__":

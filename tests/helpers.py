@@ -10,7 +10,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-ROOT = Path(__file__).resolve().parents[1]
 def tiny_config(tmp: Path) -> Path:
     cfg = {
         "seed_everything": 0,

@@ -1,9 +1,13 @@
 
+import json
+
 import pytest
 import torch
+from helpers import tiny_config, train
 
 from adamoe.callbacks.analysis import count_words, words_of
 from adamoe.callbacks.stats import FIELDS, routing_counts, summarize
+from adamoe.callbacks.timing import EpochTimer, time_to_target
 from adamoe.gates import Routing
 
 
@@ -71,3 +75,24 @@ def test_forward_flops_match_the_flop_counter():
     matmuls = sum(v for op, v in counted.items() if "mm" in str(op))
     assignments = sum(r.token_index_N.numel() for r in routings)
     assert m.forward_flops(src.numel(), tgt.numel(), assignments) == matmuls
+
+
+def test_time_to_target_interpolates_between_validations():
+    curve = [{"train_s": 10.0, "wall_s": 12.0, "value": 5.0}, {"train_s": 20.0, "wall_s": 25.0, "value": 3.0}, {"train_s": 30.0, "wall_s": 40.0, "value": 2.0}]
+    assert time_to_target(curve, 4.0) == pytest.approx(15.0)  # halfway from 5 down to 3
+    assert time_to_target(curve, 2.5) == pytest.approx(25.0)
+    assert time_to_target(curve, 2.5, time="wall_s") == pytest.approx(32.5)
+    assert time_to_target(curve, 6.0) == 10.0  # the first validation already had it
+    assert time_to_target(curve, 1.0) is None
+    assert time_to_target([{"train_s": 1.0, "value": 0.2}, {"train_s": 3.0, "value": 0.6}], 0.5, mode="max") == pytest.approx(2.5)
+
+
+def test_timer_stops_fit_at_the_target_and_keeps_the_curve(tmp_path):
+    with pytest.raises(ValueError, match="needs a target"):
+        EpochTimer(stop_at_target=True)
+    train("fit", "--config", tiny_config(tmp_path), "--timer.target", 100.0, "--timer.stop_at_target", "true", cwd=tmp_path)
+    metrics = json.loads((tmp_path / "logs" / "tiny" / "version_0" / "metrics.json").read_text())
+    assert metrics["global_step"] == 3  # max_steps is 6, but the first validation (step 3) is below 100
+    [point] = metrics["curve"]
+    assert point["step"] == 3 and 0 < point["train_s"] < point["wall_s"]
+    assert metrics["time_to_target"]["train_s"] == point["train_s"]

@@ -66,6 +66,9 @@ def test_epoch_time_throughput_and_time_to_target(ddp_run):
     assert metrics["tokens_per_s"] > 0
     assert metrics["time_to_target"]["seconds"] > 0 and metrics["time_to_target"]["step"] == 3  # the first validation
     assert metrics["global_step"] == 6
+    curve = metrics["curve"]
+    assert [p["step"] for p in curve] == [3, 6]
+    assert 0 < curve[0]["train_s"] < curve[1]["train_s"] and all(p["train_s"] < p["wall_s"] for p in curve)
 
 
 def test_routing_analysis_lists_whole_words(ddp_run):

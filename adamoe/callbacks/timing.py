@@ -9,6 +9,21 @@ from adamoe.callbacks.run import update_metrics_json
 from adamoe.data.datamodule import token_counts
 
 
+def time_to_target(curve: list[dict], target: float, mode: str = "min", time: str = "train_s") -> float | None:
+    """When an `EpochTimer` curve first reached `target`, in its `time` column, linearly
+    interpolated between the validation before and the one that reached it. None if it
+    never did."""
+    sign = 1.0 if mode == "min" else -1.0
+    for i, point in enumerate(curve):
+        if sign * point["value"] <= sign * target:
+            if i == 0:
+                return point[time]
+            prev = curve[i - 1]
+            frac = (prev["value"] - target) / (prev["value"] - point["value"])
+            return prev[time] + frac * (point[time] - prev[time])
+    return None
+
+
 class EpochTimer(Callback):
     """Per training epoch: wall time of each rank, reduced to max and mean over ranks
     (validation inside the epoch excluded), and throughput in non-padding source plus
@@ -22,7 +37,7 @@ class EpochTimer(Callback):
 
     Every validation also adds a point to `curve`: step, wall time since the start of fit,
     training time alone (validations excluded; on rank 0) and the `monitor` value, so that
-    time-to-target can be read afterwards for any target.
+    time-to-target can be read afterwards for any target, see `time_to_target`.
 
     All of it goes to the logger and, at the end of fit, into `metrics.json`.
     """
