@@ -218,7 +218,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k", help="folder of {train,val,test_2016_flickr}.{de,en}.gz")
     p.add_argument("--quick", action="store_true", help="top-2, adaptive and top-1 on a short budget")
-    p.add_argument("--budget", type=float, help="top-2's training minutes (default 10, quick 2.5)")
+    p.add_argument("--budget", type=float, help="top-2's training minutes (default 10, quick 2)")
     p.add_argument("--cap", type=float, default=1.25, help="other runs stop at this multiple of top-2's wall time")
     p.add_argument("--runs", nargs="+", choices=list(RUNS), help="a subset of runs (top-2 always runs first)")
     p.add_argument("--logs", type=Path, default=ROOT / "logs" / "replicate")
@@ -234,7 +234,7 @@ def main():
         p.error(f"{args.data}: no train.de[.gz]; pass --data with the Multi30k folder")
     args.data, args.logs = args.data.resolve(), args.logs.resolve()
     args.mode = "quick" if args.quick else "full"
-    args.budget = args.budget or (2.5 if args.quick else 10.0)
+    args.budget = args.budget or (2.0 if args.quick else 10.0)
     args.report = args.report or ROOT / "benchmarks" / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
     names = ["top2"] + [n for n in (args.runs or (QUICK_RUNS if args.quick else RUNS)) if n != "top2"]
     store = args.out / f"{args.mode}.json"
