@@ -97,7 +97,9 @@ class EpochTimer(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._close_validation()
-        seconds = torch.tensor(time.perf_counter() - self.epoch_start - self.val_time, dtype=torch.float64, device=pl_module.device)
+        elapsed = time.perf_counter() - self.epoch_start - self.val_time
+        self.train_s += elapsed
+        seconds = torch.tensor(elapsed, dtype=torch.float64, device=pl_module.device)
         per_rank = trainer.strategy.all_gather(seconds).reshape(-1)
         tokens = float(trainer.strategy.reduce(self.tokens, reduce_op="sum"))
         epoch = {
@@ -108,7 +110,6 @@ class EpochTimer(Callback):
             "tokens_per_s": tokens / max(float(per_rank.max()), 1e-9),
         }
         self.epochs.append(epoch)
-        self.train_s += time.perf_counter() - self.epoch_start - self.val_time
         if trainer.logger is not None:
             metrics = {f"time/epoch_{k}": epoch[k] for k in ("max_s", "mean_s")}
             metrics["time/tokens_per_s"] = epoch["tokens_per_s"]
