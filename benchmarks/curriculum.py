@@ -20,12 +20,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def scalars(run_dir: Path) -> dict:
+def series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard run as (step, value), one value per step: a run resumed
+    from a checkpoint logs the steps after it again, and the later value wins."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(run_dir))
     ea.Reload()
-    return {tag: [e.value for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    return {tag: sorted({e.step: e.value for e in ea.Scalars(tag)}.items()) for tag in ea.Tags()["scalars"]}
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    return {tag: [v for _, v in points] for tag, points in series(run_dir).items()}
 
 
 def run(configs, curriculum, epochs, extra, out: Path) -> dict:

@@ -1,269 +1,265 @@
-"""Small-scale replication of Li et al. (2023), Tables 3, 5 and 6, on Multi30k De->En.
+"""Replication of Li et al. (2023), Tables 3, 5 and 6, on Multi30k De->En, in the paper's shape.
 
-    python benchmarks/replicate.py --data ../shared/data/multi30k            # about 2.5 hours
-    python benchmarks/replicate.py --data ../shared/data/multi30k --quick    # about 15 minutes
+    python benchmarks/replicate.py --data ../shared/data/multi30k            # every run: many hours, resumable
+    python benchmarks/replicate.py --data ../shared/data/multi30k --only top2 adaptive --seeds 0
+    python benchmarks/replicate.py --report-only                             # rebuild RESULTS.md from the summaries
+    python benchmarks/replicate.py --data ../shared/data/multi30k --quick    # under 15 minutes
 
-Arguments after `--` go to every `train.py fit` and `test`, e.g. `-- --data.init_args.max_tokens 4096`.
+Arguments after `--` go to every `train.py fit` and `test`.
 
-Every run trains `configs/multi30k.yaml` + `configs/preset/replicate.yaml` + one gate
-config, with the same model size, seed and data. Top-2 goes first, for `--budget`
-minutes; the target is the lowest val/loss it reached. Every other run stops when it
-reaches that target, or at `--cap` times top-2's wall time.
+Every run trains `configs/multi30k.yaml` + `configs/preset/replicate.yaml` +
+`configs/preset/paper_shape.yaml` (every FFN an MoE layer of 16 experts) + one gate
+config, for the same number of steps (`--steps`), validating the loss every 50 steps, and
+is then tested once on `test_2016_flickr` with beam 4. The protocol counts steps, not
+seconds, so runs may share a busy machine:
 
-Time-to-target is training time, validation and checkpoints excluded, at the point where
-the val/loss curve (every 50 steps) first crosses the target, linearly interpolated
-between the two validations around it. Each finished run is tested once on
-`test_2016_flickr` with beam 4 (sacreBLEU), from its last checkpoint.
+- the target is top-2's mean val/loss over its seeds at step `--budget` (about 3 epochs);
+- a run's steps to target are read off its val/loss curve, interpolated between
+  validations; its wall-clock time is kept too, but times from different hours measure
+  the machine as much as the model.
 
-Results go to `<out>/<mode>.json` as each run ends (a rerun skips the runs found there;
-`--fresh` starts over), and the report to `benchmarks/RESULTS.md` (`RESULTS-quick.md`
-with `--quick`), with a figure of the per-layer two-expert shares. A `## Discussion`
-section already in the report is kept.
+Each finished run writes `<out>/runs/<name>-s<seed>.json`: the resolved model config, seed,
+curve, routing shares, expert-parallel load model, test BLEU, commands, machine and date.
+A run with a summary is skipped; one with a `last.ckpt` resumes from it (saved at every
+validation). The report is built from the summaries alone.
 """
 
 import argparse
 import datetime
 import json
 import platform
-import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-from curriculum import scalars
-
-from adamoe.callbacks.timing import time_to_target
+import yaml
+from curriculum import series
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ["configs/multi30k.yaml", "configs/preset/replicate.yaml"]
+BASE = ["configs/multi30k.yaml", "configs/preset/replicate.yaml", "configs/preset/paper_shape.yaml"]
 ADAPTIVE = ["configs/gate/adaptive.yaml"]
+PAPER = ["--data.init_args.curriculum", "paper"]
 
 
 def threshold(t):
-    return ["--model.init_args.gate.init_args.threshold", str(t)]
+    return ["--model.init_args.gate.init_args.threshold", str(t), *PAPER]
 
 
-# name -> (gate configs, extra arguments). Listed in the order they run: the most telling first.
+# name -> (gate configs, extra arguments, seeds in a full run)
 RUNS = {
-    "top2": (["configs/gate/top2.yaml"], []),
-    "adaptive": (ADAPTIVE, []),
-    "adaptive-no-curriculum": (ADAPTIVE, ["--data.init_args.curriculum", "none"]),
-    "top1": (["configs/gate/top1.yaml"], []),
-    "dense": (["configs/gate/dense.yaml"], []),
-    "adaptive-T0.2": (ADAPTIVE, threshold(0.2)),
-    "adaptive-T0.05": (ADAPTIVE, threshold(0.05)),
-    "adaptive-T0.3": (ADAPTIVE, threshold(0.3)),
-    "adaptive-T0.4": (ADAPTIVE, threshold(0.4)),
+    "top2": (["configs/gate/top2.yaml"], [], 3),
+    "adaptive": (ADAPTIVE, PAPER, 3),
+    "adaptive-no-curriculum": (ADAPTIVE, ["--data.init_args.curriculum", "none"], 3),
+    "top1": (["configs/gate/top1.yaml"], [], 3),
+    "dense": (["configs/gate/dense.yaml"], [], 3),
+    "adaptive-T0.05": (ADAPTIVE, threshold(0.05), 1),
+    "adaptive-T0.2": (ADAPTIVE, threshold(0.2), 1),
+    "adaptive-T0.3": (ADAPTIVE, threshold(0.3), 1),
+    "adaptive-T0.4": (ADAPTIVE, threshold(0.4), 1),
 }
 QUICK_RUNS = ("top2", "adaptive", "top1")
 
-# The paper's translation row (WMT19 De->En, FSMT) and its ablations, for comparison.
+# The paper's translation row (WMT19 De->En) and its ablations, for comparison.
+HEAD = "| scheme | steps to target | vs top-2 (steps) | MFLOPs/token | two-expert tokens | test BLEU | paper time | paper BLEU |\n" + "|---" * 8 + "|"
 PAPER_TABLE3 = {"dense": ("0.87x", "40.9"), "top2": ("1x", "41.1"), "top1": ("1.04x", "39.5"), "adaptive": ("0.79x", "41.1")}
-PAPER_TWO_EXPERT_SHARE = "25.6%"
 
 
-def hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
-def train_and_test(name: str, args, max_time: float, target: float | None) -> dict:
-    gate_configs, extra = RUNS[name]
-    configs = sum((["--config", c] for c in BASE + gate_configs), [])
-    common = [*configs, "--data.source.init_args.root", str(args.data), *extra, "--trainer.logger.init_args.save_dir", str(args.logs)]
-    common += ["--trainer.logger.init_args.name", f"{args.mode}/{name}", "--trainer.enable_progress_bar", "false", *args.train_args]
-    run_dir = args.logs / args.mode / name
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    fit = ["fit", *common, "--trainer.logger.init_args.version", "fit", "--trainer.max_time", hms(max_time)]
-    if target is not None:
-        fit += ["--timer.target", str(target), "--timer.stop_at_target", "true"]
-    test = ["test", *common, "--trainer.logger.init_args.version", "test", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
+def jobs(args) -> list[tuple[str, int]]:
+    """Seed by seed over the schemes with several seeds, then the single-seed sweep: an
+    interrupted plan has its main table, with intervals, soonest."""
+    names = args.only or (QUICK_RUNS if args.quick else list(RUNS))
+    seeds = args.seeds if args.seeds is not None else range(max(RUNS[n][2] for n in names))
+    todo = [(n, s) for s in seeds for n in names if args.seeds is not None or s < RUNS[n][2]]
+    return sorted(todo, key=lambda job: (RUNS[job[0]][2] == 1, job[1]))
+
+
+def run(name: str, seed: int, args) -> dict:
+    gate_configs, extra, _ = RUNS[name]
+    tag = f"{name}-s{seed}"
+    run_dir = args.logs / args.mode / tag
+    common = [*sum((["--config", c] for c in BASE + gate_configs), []), "--data.source.init_args.root", str(args.data), *extra]
+    common += ["--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(args.logs)]
+    common += ["--trainer.logger.init_args.name", f"{args.mode}/{tag}", "--trainer.enable_progress_bar", "false", *args.train_args]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    fit = ["fit", *common, "--trainer.logger.init_args.version", "fit", "--trainer.max_steps", str(args.steps), "--trainer.max_time", "null"]
+    if last.exists():
+        fit += ["--ckpt_path", str(last)]
+    test = ["test", *common, "--trainer.logger.init_args.version", "test", "--ckpt_path", str(last)]
+    run_dir.mkdir(parents=True, exist_ok=True)
     commands = []
     for command in (fit, test):
-        commands.append(" ".join(["python", "train.py", *command]))
         started = time.perf_counter()
-        with open(run_dir.parent / f"{name}.{command[0]}.log", "w") as log:
+        with open(run_dir / f"{command[0]}.log", "a") as log:
             subprocess.run([sys.executable, "train.py", *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-        commands[-1] = (commands[-1], time.perf_counter() - started)
+        commands.append({"command": " ".join(["python", "train.py", *command]), "wall_s": round(time.perf_counter() - started, 1)})
 
+    tb, test_tb = series(run_dir / "fit"), series(run_dir / "test")
+    config = yaml.safe_load((run_dir / "fit" / "config.yaml").read_text())
     metrics = json.loads((run_dir / "fit" / "metrics.json").read_text())
-    tb, test_tb = scalars(run_dir / "fit"), scalars(run_dir / "test")
 
-    def last(tag, board=tb):
-        return board[tag][-1] if tag in board else None
+    def final(tag, board=tb):
+        return board[tag][-1][1] if tag in board else None
 
     layers = [t.split("/")[1] for t in tb if t.startswith("experts/") and t.endswith("/two_expert_share_epoch") and "/model/" not in t]
     return {
         "name": name,
-        "commands": [{"command": c, "wall_s": round(s, 1)} for c, s in commands],
+        "seed": seed,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "node": platform.node(), "python": platform.python_version()},
+        "model": {k: v for k, v in config["model"]["init_args"].items() if not isinstance(v, dict)}
+        | {"gate": config["model"]["init_args"]["gate"], "class": config["model"]["class_path"]},
+        "data": {k: v for k, v in config["data"]["init_args"].items() if k != "source"},
+        "trainer": {k: config["trainer"][k] for k in ("max_steps", "val_check_interval", "precision", "gradient_clip_val")},
+        "commands": commands,
         "steps": metrics["global_step"],
+        # A resumed fit times only its own part: noisy and partial, kept as a rough guide.
         "fit_wall_s": metrics["wall_time_s"],
-        "train_s": sum(e["max_s"] for e in metrics["epochs"]),
-        "tokens_per_s": metrics["tokens_per_s"],
-        "curve": metrics["curve"],
-        "best_val_loss": min(p["value"] for p in metrics["curve"]),
-        "flops_per_token": last("experts/model/active_flops_per_token_epoch"),
-        "two_expert_share": last("experts/model/two_expert_share_epoch"),
-        "layer_share": {layer: last(f"experts/{layer}/two_expert_share_epoch") for layer in layers},
-        "test_bleu": last("test/bleu", test_tb),
-        "test_loss": last("test/loss", test_tb),
-        "routing_words": (run_dir / "fit" / "routing_words.tsv").read_text() if (run_dir / "fit" / "routing_words.tsv").exists() else "",
+        "curve": [{"step": s, "value": v} for s, v in tb["val/loss"]],
+        "epochs": metrics.get("epochs", []),
+        "flops_per_token": final("experts/model/active_flops_per_token_epoch"),
+        "two_expert_share": final("experts/model/two_expert_share_epoch"),
+        "layer_share": {layer: final(f"experts/{layer}/two_expert_share_epoch") for layer in layers},
+        "ep_cost": [{"step": s, "value": v} for s, v in tb.get("curriculum/ep_cost", [])],
+        "test_bleu": final("test/bleu", test_tb),
+        "test_loss": final("test/loss", test_tb),
+        "checkpoint": str(last),
     }
 
 
-def layer_order(names):
-    """Encoder layers, then decoder layers, each by depth."""
-    return sorted(names, key=lambda n: (n.split(".")[0] != "enc", int(n.split(".")[1])))
+def steps_to(curve: list[dict], target: float) -> float | None:
+    """The step at which a val/loss curve first reached `target`, linearly interpolated
+    between the validation before and the one that reached it."""
+    for prev, point in zip([None, *curve], curve):
+        if point["value"] <= target:
+            if prev is None:
+                return point["step"]
+            frac = (prev["value"] - target) / (prev["value"] - point["value"])
+            return prev["step"] + frac * (point["step"] - prev["step"])
+    return None
 
 
-def fmt(x, spec=".2f", none="n/a"):
-    return none if x is None else format(x, spec)
+def value_at(curve: list[dict], step: int) -> float | None:
+    """The last validation at or before `step`."""
+    return next((p["value"] for p in reversed(curve) if p["step"] <= step), None)
 
 
-def report(results: dict, args, figure: Path) -> str:
-    top2 = results.get("top2")
-    target = top2["best_val_loss"] if top2 else None
-    base = time_to_target(top2["curve"], target) if top2 else None
+def spread(values: list[float], spec: str = ".2f") -> str:
+    """Mean and min-max of the values there are."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:{spec}} (1 seed)"
+    return f"{statistics.mean(values):{spec}} [{min(values):{spec}}-{max(values):{spec}}] ({len(values)} seeds)"
 
-    def ratio(r):
-        t = time_to_target(r["curve"], target)
-        return f"{t / base:.2f}x" if t is not None else f"not reached in {r['train_s'] / base:.2f}x"
 
-    def row(name, label, paper=("", "")):
-        r = results[name]
-        share = fmt(None if r["two_expert_share"] is None else 100 * r["two_expert_share"], ".1f") + ("%" if r["two_expert_share"] is not None else "")
-        return f"| {label} | {ratio(r)} | {fmt(r['flops_per_token'] / 1e6 if r['flops_per_token'] else None, '.1f')} | {share} | {fmt(r['test_bleu'])} | {r['best_val_loss']:.3f} | {r['steps']} | {r['tokens_per_s']:.0f} | {paper[0]} | {paper[1]} |"
-
-    head = "| scheme | time to target (vs top-2) | MFLOPs/token | two-expert tokens | test BLEU | best val loss | steps | train tokens/s | paper time | paper BLEU |\n|---|---|---|---|---|---|---|---|---|---|"
+def report(runs: dict[str, list[dict]], args) -> str:
+    top2 = [value_at(r["curve"], args.budget) for r in runs.get("top2", [])]
+    top2 = [v for v in top2 if v is not None]
+    target = statistics.mean(top2) if top2 else None
+    base = statistics.mean(steps_to(r["curve"], target) for r in runs["top2"]) if target is not None else None
     out = [
-        f"# Replication on Multi30k De→En ({'quick' if args.quick else 'full'} run)",
+        f"# Replication on Multi30k De→En ({args.mode} run)",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {platform.node()}: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, no GPU. Produced by "
-        f"`python benchmarks/replicate.py --data {args.data}{' --quick' if args.quick else ''}`.",
+        f"Built {datetime.date.today().isoformat()} from the run summaries in `{args.store.resolve().relative_to(ROOT) if args.store.resolve().is_relative_to(ROOT) else args.store}` by "
+        f"`python benchmarks/replicate.py --report-only{' --quick' if args.quick else ''}`.",
         "",
-        "Model: `configs/multi30k.yaml` (d_model 256, FFN 1024, 8 experts, 3+3 layers, MoE in every second layer: "
-        "enc.1 and dec.1) with `configs/preset/replicate.yaml`; seed 0 for every run. "
-        f"Top-2 trained for {args.budget:g} minutes; the target is its lowest val/loss, **{fmt(target, '.3f')}**. The other runs stop "
-        f"at the target or at {args.cap:g}x top-2's wall time. Time is training time to the target (validation excluded), "
-        "interpolated between validations; FLOPs per token are forward FLOPs per source and target token, active experts "
-        "only, over the last epoch; test BLEU is sacreBLEU on `test_2016_flickr`, beam 4, from the last checkpoint. "
-        "The paper's numbers are its WMT19 De→En row at full scale, on 8 A100s.",
+        "Model: `configs/multi30k.yaml` + `configs/preset/replicate.yaml` + `configs/preset/paper_shape.yaml`: d_model 256, "
+        "FFN 512, 3+3 layers, every FFN an MoE layer of 16 experts (dense: FFN 512 everywhere). "
+        f"Every run trains {args.steps} steps. The target is top-2's mean val/loss at step {args.budget}: "
+        f"**{'n/a' if target is None else f'{target:.3f}'}**. Steps to target are interpolated between validations (every 50 steps). "
+        "Values are the mean and [min-max] over seeds. Wall-clock time is not compared here: the runs shared a busy machine "
+        "over many hours, see the step-time measurement for time.",
         "",
         "## Table 3: schemes",
         "",
-        head,
+        HEAD,
     ]
+
+    def row(name, label, paper=("", "")):
+        rs = runs[name]
+        steps = [steps_to(r["curve"], target) if target is not None else None for r in rs]
+        reached = [s for s in steps if s is not None]
+        ratio = spread([s / base for s in reached]) if base and reached else "n/a"
+        missed = f", {len(steps) - len(reached)} not reached" if len(reached) < len(steps) else ""
+        flops = spread([r["flops_per_token"] / 1e6 if r["flops_per_token"] else None for r in rs], ".1f")
+        share = spread([100 * r["two_expert_share"] if r["two_expert_share"] is not None else None for r in rs], ".1f")
+        return f"| {label} | {spread(reached, '.0f')}{missed} | {ratio} | {flops} | {share} | {spread([r['test_bleu'] for r in rs])} | {paper[0]} | {paper[1]} |"
+
     for name, label in (("dense", "dense"), ("top2", "top-2"), ("top1", "top-1"), ("adaptive", "adaptive T=0.1")):
-        if name in results:
+        if name in runs:
             out.append(row(name, label, PAPER_TABLE3[name]))
-    out.append(f"\nThe paper sends {PAPER_TWO_EXPERT_SHARE} of tokens to two experts on translation with T=0.1.")
-    sweep = [(n, t) for n, t in (("adaptive-T0.05", 0.05), ("adaptive", 0.1), ("adaptive-T0.2", 0.2), ("adaptive-T0.3", 0.3), ("adaptive-T0.4", 0.4)) if n in results]
+    sweep = [(n, t) for n, t in (("adaptive-T0.05", 0.05), ("adaptive", 0.1), ("adaptive-T0.2", 0.2), ("adaptive-T0.3", 0.3), ("adaptive-T0.4", 0.4)) if n in runs]
     if len(sweep) > 1:
-        out += ["", "## Table 5: threshold", "", head]
+        out += ["", "## Table 5: threshold", "", HEAD]
         out += [row(n, f"T={t}") for n, t in sweep]
-        out.append("\nThe paper gives no numbers for this table beyond: T=0.05 behaves like top-1, T=0.4 does not always match top-2's quality, and 0.1-0.2 is best.")
-    if "adaptive-no-curriculum" in results:
-        out += ["", "## Table 6: curriculum", "", head, row("adaptive", "adaptive, curriculum"), row("adaptive-no-curriculum", "adaptive, no curriculum")]
-        out.append("\nThe paper: without the curriculum, training time grows by 9-22% (13.7% on average) and quality drops by up to 0.21.")
-    if figure.exists():
-        out += ["", "## Figure 2: two-expert share per layer", "", f"![two-expert share per layer]({figure.relative_to(args.report.parent)})", ""]
-        layers = layer_order(next(r["layer_share"] for r in results.values() if r["layer_share"]))
-        out += ["| run | " + " | ".join(layers) + " |", "|---" * (len(layers) + 1) + "|"]
-        for r in results.values():
-            if r["layer_share"]:
-                out.append(f"| {r['name']} | " + " | ".join(f"{100 * r['layer_share'][layer]:.1f}%" for layer in layers) + " |")
-    if "adaptive" in results and results["adaptive"]["routing_words"]:
-        out += ["", "## Table 4: words that take two experts (adaptive T=0.1, validation set)", "", "| layer | most often on two experts (share, count) | least often |", "|---|---|---|"]
-        rows = [line.split("\t") for line in results["adaptive"]["routing_words"].strip().splitlines()[1:]]
-        for layer in dict.fromkeys(r[0] for r in rows):
-            cell = {kind: ", ".join(f"{r[3]} ({float(r[6]):.0%}, {r[4]})" for r in rows if r[0] == layer and r[1] == kind and int(r[2]) <= 5) for kind in ("most", "least")}
-            out.append(f"| {layer} | {cell['most']} | {cell['least']} |")
-    out += ["", "## Runs", "", "<details><summary>Each run's commands (from the repository root) and wall time</summary>", "", "| run | command | wall |", "|---|---|---|"]
-    for r in results.values():
-        for c in r["commands"]:
-            out.append(f"| {r['name']} | `{c['command']}` | {c['wall_s'] / 60:.1f} min |")
-    total = sum(c["wall_s"] for r in results.values() for c in r["commands"])
-    out += ["", "</details>", "", f"Total wall time of the runs: {total / 60:.0f} min."]
+    if "adaptive-no-curriculum" in runs and "adaptive" in runs:
+        out += ["", "## Table 6: curriculum", "", HEAD]
+        out += [row("adaptive", "adaptive, paper order"), row("adaptive-no-curriculum", "adaptive, no curriculum")]
+    out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU | fit wall (noisy) |", "|---|---|---|---|---|---|"]
+    for name, rs in runs.items():
+        for r in rs:
+            out.append(f"| {name} s{r['seed']} | {r['machine']['cpu']} | {r['date'][:10]} | {r['steps']} | {r['test_bleu']:.2f} | {r['fit_wall_s'] / 60:.1f} min |")
     return "\n".join(out) + "\n"
 
 
-def plot(results: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in results.values() if r["layer_share"] and r["name"] != "top2"]
-    if not runs:
-        return
-    layers = layer_order(runs[0]["layer_share"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.8 / len(runs)
-    for i, r in enumerate(runs):
-        ax.bar([j + i * width for j in range(len(layers))], [100 * r["layer_share"][layer] for layer in layers], width, label=r["name"])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
-    ax.set_ylabel("tokens on two experts (%)")
-    ax.set_title("Multi30k De→En, last training epoch")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+def load_runs(store: Path) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(store.glob("*.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault(r["name"], []).append(r)
+    return {n: runs[n] for n in RUNS if n in runs}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k", help="folder of {train,val,test_2016_flickr}.{de,en}.gz")
-    p.add_argument("--quick", action="store_true", help="top-2, adaptive and top-1 on a short budget")
-    p.add_argument("--budget", type=float, help="top-2's training minutes (default 10, quick 2)")
-    p.add_argument("--cap", type=float, default=1.25, help="other runs stop at this multiple of top-2's wall time")
-    p.add_argument("--runs", nargs="+", choices=list(RUNS), help="a subset of runs (top-2 always runs first)")
-    p.add_argument("--logs", type=Path, default=ROOT / "logs" / "replicate")
+    p.add_argument("--quick", action="store_true", help="top-2, adaptive and top-1, one seed, a few steps")
+    p.add_argument("--steps", type=int, help="training steps of every run (default 900, quick 100)")
+    p.add_argument("--budget", type=int, help="the step at which top-2's mean val/loss sets the target (default 650, quick 100)")
+    p.add_argument("--only", nargs="+", choices=list(RUNS), help="a subset of the schemes")
+    p.add_argument("--seeds", nargs="+", type=int, help="these seeds for every scheme (default: each scheme's own count)")
+    p.add_argument("--logs", type=Path, default=ROOT / "logs" / "replicate", help="logs and checkpoints; resumes from here")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "replication")
-    p.add_argument("--fresh", action="store_true", help="ignore results of earlier runs")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report from the stored results, train nothing")
     p.add_argument("--report", type=Path, help="default benchmarks/RESULTS.md, or RESULTS-quick.md with --quick")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the run summaries, train nothing")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
     args.train_args = argv[split + 1 :]
-    if not (args.data / "train.de.gz").exists() and not (args.data / "train.de").exists():
-        p.error(f"{args.data}: no train.de[.gz]; pass --data with the Multi30k folder")
-    args.data, args.logs = args.data.resolve(), args.logs.resolve()
     args.mode = "quick" if args.quick else "full"
-    args.budget = args.budget or (2.0 if args.quick else 10.0)
+    args.steps = args.steps or (100 if args.quick else 900)
+    args.budget = args.budget or (100 if args.quick else 650)
+    args.store = args.out / ("runs-quick" if args.quick else "runs")
     args.report = args.report or ROOT / "benchmarks" / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
-    names = ["top2"] + [n for n in (args.runs or (QUICK_RUNS if args.quick else RUNS)) if n != "top2"]
-    store = args.out / f"{args.mode}.json"
-    results = {} if args.fresh or not store.exists() else json.loads(store.read_text())
-    figure = args.out / f"{args.mode}-two-expert-share.png"
-
-    for name in [] if args.report_only else names:
-        if name in results:
-            print(f"{name}: done earlier, kept", flush=True)
-            continue
-        top2 = results.get("top2")
-        max_time = args.budget * 60 if name == "top2" else args.cap * top2["fit_wall_s"]
-        target = None if name == "top2" else top2["best_val_loss"]
-        started = time.perf_counter()
-        results[name] = train_and_test(name, args, max_time, target)
-        r = results[name]
-        print(f"{name}: {r['steps']} steps, best val/loss {r['best_val_loss']:.3f}, test BLEU {fmt(r['test_bleu'])}, {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-        store.parent.mkdir(parents=True, exist_ok=True)
-        store.write_text(json.dumps(results, indent=1) + "\n")
-        write_report(results, args, figure)
-    if args.report_only:
-        write_report(results, args, figure)
-    print(args.report.read_text())
-
-
-def write_report(results: dict, args, figure: Path):
-    plot(results, figure)
-    kept = args.report.read_text().partition("\n## Discussion")[2] if args.report.exists() else ""
-    args.report.write_text(report(results, args, figure) + ("\n## Discussion" + kept if kept else ""))
+    if not args.report_only:
+        if not (args.data / "train.de.gz").exists() and not (args.data / "train.de").exists():
+            p.error(f"{args.data}: no train.de[.gz]; pass --data with the Multi30k folder")
+        args.data, args.logs = args.data.resolve(), args.logs.resolve()
+        for name, seed in jobs(args):
+            summary = args.store / f"{name}-s{seed}.json"
+            if summary.exists():
+                print(f"{summary.name}: done earlier, kept", flush=True)
+                continue
+            started = time.perf_counter()
+            r = run(name, seed, args)
+            summary.parent.mkdir(parents=True, exist_ok=True)
+            summary.write_text(json.dumps(r, indent=1) + "\n")
+            print(f"{summary.name}: {r['steps']} steps, test BLEU {r['test_bleu']:.2f}, {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    runs = load_runs(args.store)
+    if runs:
+        kept = args.report.read_text().partition("\n## Discussion")[2] if args.report.exists() else ""
+        args.report.write_text(report(runs, args) + ("\n## Discussion" + kept if kept else ""))
+        print(args.report.read_text())
 
 
 if __name__ == "__main__":
