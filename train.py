@@ -1,6 +1,8 @@
 """Train, validate, test or predict: `python train.py fit --config configs/quickstart.yaml`."""
 
-from adamoe.cli import main
+import sys
+
+from adamoe.cli import entry
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

@@ -1,38 +1,133 @@
 """The `train.py` command line: LightningCLI with the data-to-model links and run defaults."""
 
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI
+import errno
+import os
+import re
+import sys
+from datetime import timedelta
+from pathlib import Path
 
-from adamoe.callbacks import Checkpoint, Curriculum, EpochTimer, ExpertStats, MetricsSummary, RoutingAnalysis
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import DDPStrategy
+
+from adamoe.callbacks import (
+    AtomicCheckpointIO,
+    Checkpoint,
+    Curriculum,
+    EpochTimer,
+    ExpertStats,
+    MetricsSummary,
+    NonFiniteGuard,
+    RandomState,
+    RoutingAnalysis,
+)  # fmt: skip
 from adamoe.data import TextData
+from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError
 from adamoe.module import MoEModule
+from adamoe.moe import MoELayer
+
+
+class OneLineErrors(LightningArgumentParser):
+    """A config error is one line: the config key and the innermost reason, not the usage
+    and the nested tree of every type that was tried."""
+
+    def error(self, message, ex=None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
+        noise = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>", "- Problem with given class_path")
+        reasons = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]
+        where = f"{'.'.join(keys)}: " if keys else ""
+        prog = self.prog.replace(" [options]", "")
+        print(f"error: {where}{reasons[-1] if reasons else message.strip()} (options: {prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 class AdamoeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
-        # Always on, with their own config groups: `--timer.target 2.0`, `--analysis.top_k 20`.
+        # Always on, with their own config groups: `--timer.target 2.0`, `--analysis.top_k 20`,
+        # `--nonfinite.action skip`, `--checkpoint.save_last_every 0:10:00`.
         parser.add_lightning_class_args(EpochTimer, "timer")
         parser.add_lightning_class_args(RoutingAnalysis, "analysis")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")  # `--checkpoint.monitor val/acc --checkpoint.mode max`
+        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
+        parser.add_argument(
+            "--collective_timeout", type=timedelta, default=timedelta(minutes=10),
+            help="how long a DDP rank waits in a collective for the others before it fails (NCCL's own default is 30 min)",
+        )  # fmt: skip
         # The vocabulary is sized by the data config; special ids are the tokenizer's.
         parser.link_arguments("data.init_args.vocab_size", "model.init_args.vocab_size")
         for name in ("pad_id", "bos_id", "eos_id"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         parser.link_arguments("data.init_args.num_classes", "model.init_args.num_classes")
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a configured one is kept
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(strategy, DDPStrategy) and getattr(strategy, "_timeout", None) is not None:
+            # The strategy takes a timeout only as an argument; a `strategy: ddp` string gets this one.
+            strategy._timeout = self._get(self.config_init, "collective_timeout")
+        return trainer
+
+    def _parse_ckpt_path(self):
+        # Lightning rebuilds the model from a checkpoint's saved arguments, whatever the config
+        # says. A checkpoint of another task would then meet this task's data deep inside a
+        # step: stop here instead.
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt and Path(ckpt).is_file():
+            try:
+                saved = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {}).get("_class_path")
+            except Exception as e:  # a truncated or foreign file
+                raise CheckpointError(f"{ckpt}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            wanted = self.config[subcommand].get("model", {}).get("class_path")
+            if saved and wanted and saved != wanted:
+                raise CheckpointError(f"{ckpt} was saved by {saved}; this config's model is {wanted}, for another task")
+        super()._parse_ckpt_path()
+
+    def _check_run(self):
+        """What would otherwise fail late, or deep inside a library."""
+        config = self.config_init[self.subcommand]
+        ckpt = config.get("ckpt_path")
+        if ckpt not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt) and not Path(ckpt).is_file():
+            raise CheckpointError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        curriculum = getattr(self.datamodule, "curriculum", "none")
+        if curriculum in ("paper", "reverse") and not any(isinstance(m, MoELayer) for m in self.model.modules()):
+            raise ConfigError(f"data.curriculum={curriculum} orders samples by their routing, but the model has no MoE layer (moe_every: 0)")
+        logger = self.trainer.logger
+        if logger is not None and self.trainer.is_global_zero and logger.save_dir:
+            folder = Path(logger.save_dir)
+            probe = folder / f".write-test-{os.getpid()}"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise ConfigError(f"log folder {folder} is not writable: {e.strerror}") from None
+
+    before_fit = before_validate = before_test = before_predict = _check_run
+
 
 def main(args=None, run: bool = True) -> AdamoeCLI:
     return AdamoeCLI(
         MoEModule,
         TextData,
+        parser_class=OneLineErrors,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "adamoe", "default_hp_metric": False}},
             "callbacks": [
-                Checkpoint(monitor="val/loss", mode="min", save_last=True, filename="best-{epoch}-{step}"),
                 MetricsSummary(),
                 ExpertStats(),
                 Curriculum(),
+                RandomState(),
                 LearningRateMonitor(logging_interval="step"),
             ],
             "use_distributed_sampler": False,  # the data module shards its own batches
@@ -42,3 +137,44 @@ def main(args=None, run: bool = True) -> AdamoeCLI:
         args=args,
         run=run,
     )
+
+
+# Write failures a user fixes outside the code: a full disk, a read-only or missing folder.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EDQUOT, errno.ENOENT}
+
+
+def entry(args=None) -> int:
+    """`train.py`: a mistake in the config, the data or a checkpoint, or a run that cannot
+    go on, ends with one line that names the culprit and exit status 2, not a traceback.
+    Set ADAMOE_TRACEBACK=1 to see the traceback."""
+    try:
+        main(args)
+    except Exception as e:
+        # jsonargparse wraps what a class raised while it was built: look down the chain.
+        cause = e
+        while cause is not None and not _is_users(cause):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            return _fail(e, f"error: {cause.filename or ''}: {cause.strerror}" if isinstance(cause, OSError) else f"error: {cause}")
+        if _lost_peer(e):
+            # The rank that failed first has said why; a page of traceback per survivor adds nothing.
+            return _fail(e, f"error: a collective failed because another rank exited or hung (its message says why): {str(e).splitlines()[0]}")
+        raise
+    return 0
+
+
+def _lost_peer(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out"))
+
+
+def _is_users(e: BaseException) -> bool:
+    return isinstance(e, (ConfigError, DataError, CheckpointError, TrainingError)) or (isinstance(e, OSError) and e.errno in WRITE_ERRNOS)
+
+
+def _fail(exception, line: str) -> int:
+    if os.environ.get("ADAMOE_TRACEBACK"):
+        raise exception
+    rank = os.environ.get("LOCAL_RANK")
+    print(f"[rank {rank}] {line}" if rank not in (None, "0") else line, file=sys.stderr, flush=True)
+    return 2

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adamoe.errors import ConfigError
+
 
 @dataclass
 class Routing:
@@ -70,7 +72,7 @@ class Gate(nn.Module):
     def __init__(self, d_model: int, num_experts: int, *, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0):
         super().__init__()
         if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+            raise ConfigError(f"num_experts must be >= 1, got {num_experts}")
         self.num_experts = num_experts
         self.aux_loss_coef = aux_loss_coef
         self.z_loss_coef = z_loss_coef
@@ -177,11 +179,11 @@ class AdaptiveGate(Gate):
     def __init__(self, d_model: int, num_experts: int, *, threshold: float = 0.1, single_weight: str = "normalized", **kwargs):
         super().__init__(d_model, num_experts, **kwargs)
         if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"AdaptiveGate threshold must be in [0, 1], got {threshold}")
+            raise ConfigError(f"AdaptiveGate threshold must be in [0, 1], got {threshold}")
         if single_weight not in self.SINGLE_WEIGHTS:
-            raise ValueError(f"AdaptiveGate single_weight must be one of {self.SINGLE_WEIGHTS}, got {single_weight!r}")
+            raise ConfigError(f"AdaptiveGate single_weight must be one of {self.SINGLE_WEIGHTS}, got {single_weight!r}")
         if num_experts < 2:
-            raise ValueError("AdaptiveGate needs at least 2 experts")
+            raise ConfigError("AdaptiveGate needs at least 2 experts")
         self.threshold = threshold
         self.single_weight = single_weight
 

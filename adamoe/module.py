@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.text import SacreBLEUScore
 
+from adamoe.errors import CheckpointError, ConfigError
 from adamoe.gates import Top2Gate
 from adamoe.transformer import GateFactory, Transformer
 
@@ -198,6 +199,22 @@ class MoEModule(LightningModule):
         if W > 1:
             rank = dist.get_rank()
             self._map_expert_state(checkpoint, lambda t, p: t[rank * p.shape[0] : (rank + 1) * p.shape[0]])
+        check_compatible(checkpoint, self)
+
+
+def check_compatible(checkpoint: dict, module: LightningModule):
+    """A checkpoint of another task or model size fails here with the differences listed,
+    instead of in `load_state_dict` with a page of them."""
+    saved_class = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    ours = {n: tuple(t.shape) for n, t in module.state_dict().items()}
+    theirs = {n: tuple(t.shape) for n, t in checkpoint["state_dict"].items()}
+    problems = [f"{n}: checkpoint {theirs[n]}, model {ours[n]}" for n in ours if n in theirs and theirs[n] != ours[n]]
+    problems += [f"missing {n}" for n in ours if n not in theirs] + [f"unexpected {n}" for n in theirs if n not in ours]
+    if problems:
+        other = saved_class and saved_class.rsplit(".", 1)[-1] != type(module).__qualname__
+        task = f" (saved by {saved_class}, loading into {type(module).__qualname__})" if other else ""
+        more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        raise CheckpointError(f"checkpoint does not fit this model{task}: {'; '.join(problems[:6])}{more}")
 
 
 
@@ -290,7 +307,9 @@ class ClassificationModule(MoEModule):
     def __init__(self, num_classes: int = 2, pooling: Literal["mean", "first"] = "mean", **kwargs):
         # A checkpoint's hyperparameters hold the 0 given here; anything else is a mistake.
         if kwargs.pop("num_decoder_layers", 0):
-            raise ValueError("ClassificationModule is encoder-only: it has no decoder layers")
+            raise ConfigError("ClassificationModule is encoder-only: it has no decoder layers")
+        if num_classes < 2:
+            raise ConfigError(f"ClassificationModule needs num_classes >= 2, got {num_classes}")
         super().__init__(num_decoder_layers=0, **kwargs)
         self.head = torch.nn.Linear(self.hparams.d_model, num_classes)
         self.metrics = torch.nn.ModuleDict(
@@ -356,7 +375,7 @@ class LanguageModelModule(MoEModule):
     def __init__(self, prompt_tokens: int = 8, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, **kwargs):
         # A checkpoint's hyperparameters hold the 0 given here; anything else is a mistake.
         if kwargs.pop("num_encoder_layers", 0):
-            raise ValueError("LanguageModelModule is decoder-only: it has no encoder layers")
+            raise ConfigError("LanguageModelModule is decoder-only: it has no encoder layers")
         super().__init__(num_encoder_layers=0, **kwargs)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adamoe.errors import ConfigError
 from adamoe.gates import Gate, Routing
 from adamoe.parallel import parallel_dispatch
 
@@ -129,11 +130,11 @@ class MoELayer(nn.Module):
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if gate.num_experts != num_experts:
-            raise ValueError(f"gate routes to {gate.num_experts} experts, layer has {num_experts}")
+            raise ConfigError(f"gate routes to {gate.num_experts} experts, layer has {num_experts}")
         if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive or None, got {capacity_factor}")
+            raise ConfigError(f"capacity_factor must be positive or None, got {capacity_factor}")
         self.gate = gate
         self.experts = Experts(d_model, d_ff, num_experts, ACTIVATIONS[activation])
         self.num_experts = num_experts
@@ -144,7 +145,7 @@ class MoELayer(nn.Module):
         """Expert parallelism: keep this rank's E/W experts; tokens reach them by all-to-all."""
         W, rank = dist.get_world_size(group), dist.get_rank(group)
         if self.num_experts % W:
-            raise ValueError(f"expert parallelism needs num_experts ({self.num_experts}) divisible by the {W} ranks")
+            raise ConfigError(f"expert parallelism needs num_experts ({self.num_experts}) divisible by the {W} ranks")
         local = self.num_experts // W
         self.experts.shard(rank * local, local)
         self.ep_group = group if group is not None else dist.group.WORLD

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adamoe.errors import ConfigError
 from adamoe.gates import Gate, Routing, Top2Gate
 from adamoe.moe import ACTIVATIONS, MoELayer
 
@@ -27,7 +28,7 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+            raise ConfigError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, d_model)
@@ -129,7 +130,7 @@ class Transformer(nn.Module):
     ):
         super().__init__()
         if moe_every < 0:
-            raise ValueError(f"moe_every must be >= 0, got {moe_every}")
+            raise ConfigError(f"moe_every must be >= 0, got {moe_every}")
         self.pad_id = pad_id
         self.d_model = d_model
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)

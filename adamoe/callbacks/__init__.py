@@ -1,7 +1,11 @@
 from adamoe.callbacks.analysis import RoutingAnalysis
 from adamoe.callbacks.curriculum import Curriculum
-from adamoe.callbacks.run import Checkpoint, MetricsSummary
+from adamoe.callbacks.faults import NonFiniteGuard, RandomState
+from adamoe.callbacks.run import AtomicCheckpointIO, Checkpoint, MetricsSummary
 from adamoe.callbacks.stats import ExpertStats
 from adamoe.callbacks.timing import EpochTimer
 
-__all__ = ["Checkpoint", "Curriculum", "EpochTimer", "ExpertStats", "MetricsSummary", "RoutingAnalysis"]
+__all__ = [
+    "AtomicCheckpointIO", "Checkpoint", "Curriculum", "EpochTimer", "ExpertStats", "MetricsSummary", "NonFiniteGuard", "RandomState",
+    "RoutingAnalysis",
+]  # fmt: skip

@@ -1,12 +1,17 @@
-"""Run bookkeeping: a fixed checkpoint folder and a metrics.json summary."""
+"""Run bookkeeping: checkpoints that a kill cannot corrupt, and a metrics.json summary."""
 
+import datetime
 import json
 import os
 import time
 from pathlib import Path
 
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from adamoe.errors import ConfigError
 
 
 def update_metrics_json(log_dir, entries: dict):
@@ -18,9 +23,38 @@ def update_metrics_json(log_dir, entries: dict):
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint beside its target and renames it into place: a kill or a full
+    disk mid-write leaves the previous file whole. (Lightning's own writer stages in the
+    system temp folder, which is often another file system: the final move is a copy.)"""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint that saves to `<save_dir>/<name>/checkpoints`, the same folder for
-    every version of a run, so that `--ckpt_path last` finds the previous run's last.ckpt."""
+    every version of a run, so that `--ckpt_path last` finds the previous run's last.ckpt.
+
+    `save_last_every` (default 30 minutes) also writes `last.ckpt` during an epoch, so
+    that a killed run loses at most that much training, however long its epochs.
+    """
+
+    def __init__(self, *args, save_last_every: datetime.timedelta | None = datetime.timedelta(minutes=30), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_last_every = save_last_every
 
     def _fix_dirpath(self, trainer):
         if self.dirpath is None and trainer.loggers:
@@ -30,6 +64,31 @@ class Checkpoint(ModelCheckpoint):
     def setup(self, trainer, pl_module, stage):
         self._fix_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
+            for stale in Path(self.dirpath).glob(".*.tmp"):  # left by a writer that was killed
+                stale.unlink(missing_ok=True)
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self._last_saved_at = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.save_last_every is None or not self.save_last or self._should_skip_saving_checkpoint(trainer):
+            return
+        due = time.monotonic() - self._last_saved_at >= self.save_last_every.total_seconds()
+        # Saving is collective (every rank contributes state): rank 0's clock decides for all.
+        if trainer.strategy.broadcast(due):
+            # Written directly rather than through ModelCheckpoint's bookkeeping, which would
+            # then skip the top-k save of a validation at this same step.
+            path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+            trainer.save_checkpoint(path, self.save_weights_only)
+            self.last_model_path = path
+            self._last_saved_at = time.monotonic()
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        self._last_saved_at = time.monotonic()
 
     def _find_last_checkpoints(self, trainer):
         self._fix_dirpath(trainer)
@@ -42,7 +101,7 @@ class MetricsSummary(Callback):
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min"):
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+            raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
         self.monitor, self.mode = monitor, mode
 
     def on_fit_start(self, trainer, pl_module):

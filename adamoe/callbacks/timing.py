@@ -7,6 +7,7 @@ from lightning.pytorch import Callback
 
 from adamoe.callbacks.run import update_metrics_json
 from adamoe.data.datamodule import token_counts
+from adamoe.errors import ConfigError
 
 
 def time_to_target(curve: list[dict], target: float, mode: str = "min", time: str = "train_s") -> float | None:
@@ -44,9 +45,9 @@ class EpochTimer(Callback):
 
     def __init__(self, target: float | None = None, monitor: str = "val/loss", mode: str = "min", stop_at_target: bool = False):
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+            raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
         if stop_at_target and target is None:
-            raise ValueError("stop_at_target needs a target")
+            raise ConfigError("stop_at_target needs a target")
         self.target, self.monitor, self.mode, self.stop_at_target = target, monitor, mode, stop_at_target
 
     def on_fit_start(self, trainer, pl_module):

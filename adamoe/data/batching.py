@@ -24,6 +24,8 @@ import warnings
 import torch
 from torch.utils.data import Sampler
 
+from adamoe.errors import ConfigError
+
 ORDERS = ("sorted", "length", "random", "paper", "reverse")
 
 
@@ -45,7 +47,7 @@ def pack(order: list[int], lengths: list[int], max_tokens: int | None, batch_siz
         else:
             batches.append(batch)
     if batches and len(batches[0]) < ways:
-        raise ValueError(f"{len(order)} samples cannot give each of {ways} ranks a batch")
+        raise ConfigError(f"{len(order)} samples cannot give each of {ways} ranks a batch")
     return batches
 
 
@@ -105,11 +107,11 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __init__(self, lengths: list[int], max_tokens: int | None = None, batch_size: int | None = None, order: str = "length",
                  seed: int = 0, num_replicas: int = 1, rank: int = 0, pool: int = 0):
         if not max_tokens and not batch_size:
-            raise ValueError("set max_tokens or batch_size")
+            raise ConfigError("set max_tokens or batch_size")
         if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+            raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
         if pool < 0:
-            raise ValueError(f"pool must be >= 0, got {pool}")
+            raise ConfigError(f"pool must be >= 0, got {pool}")
         self.lengths, self.max_tokens, self.batch_size, self.order = lengths, max_tokens, batch_size, order
         self.seed, self.num_replicas, self.rank, self.pool = seed, num_replicas, rank, pool
         self.epoch, self.consumed = 0, 0

@@ -4,6 +4,8 @@ One base, `TextData`, does the work; a task names the text columns it encodes an
 `TranslationData` (source -> `src`, target -> `tgt_*`), `ClassificationData` (text ->
 `src`, plus `label`), `LanguageModelData` (text -> `tgt_*`)."""
 
+import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -18,8 +20,11 @@ from torch.utils.data import DataLoader
 from adamoe.data import tokenizer as bpe
 from adamoe.data.batching import ShardedBatchSampler
 from adamoe.data.sources import SPLITS, DataError, DataSource, Synthetic, SyntheticSentiment, SyntheticText, digest
+from adamoe.errors import ConfigError
 
-CACHE_VERSION = "1"
+# Part of every cache key: raise it whenever a change to the preprocessing code changes
+# the tokenized result, so that no cache made by older code is read.
+CACHE_VERSION = "2"
 
 
 class TextData(LightningDataModule):
@@ -60,8 +65,10 @@ class TextData(LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        if vocab_size <= len(bpe.SPECIALS):
+            raise ConfigError(f"vocab_size={vocab_size} leaves no room beside the {len(bpe.SPECIALS)} special tokens {bpe.SPECIALS}")
         if max_tokens is not None and max_tokens < max(max_source_len, max_target_len):
-            raise ValueError(f"max_tokens={max_tokens} cannot hold one sequence of max length {max(max_source_len, max_target_len)}")
+            raise ConfigError(f"max_tokens={max_tokens} cannot hold one sequence of max length {max(max_source_len, max_target_len)}")
         self.source = source
         self.vocab_size = vocab_size
         self.max_tokens, self.batch_size = max_tokens, batch_size
@@ -79,18 +86,24 @@ class TextData(LightningDataModule):
     # Ids fixed by the tokenizer's special tokens; the CLI links them into the model.
     pad_id, bos_id, eos_id = bpe.PAD_ID, bpe.BOS_ID, bpe.EOS_ID
 
+    def cache_key(self) -> list[str]:
+        """Everything that decides the tokenized splits: the preprocessing code's version, this
+        task's class and columns, and the source (its class, settings and files). A task
+        whose settings change the cached data adds them here."""
+        return [CACHE_VERSION, f"{type(self).__module__}.{type(self).__qualname__}", repr(self.COLUMNS), self.source.fingerprint()]
+
     @property
     def tokenizer_path(self) -> Path:
-        return self.cache_dir / "tokenizers" / f"bpe-{digest([self.source.fingerprint(), str(self.vocab_size), CACHE_VERSION])}.json"
+        return self.cache_dir / "tokenizers" / f"bpe-{digest([*self.cache_key(), str(self.vocab_size)])}.json"
 
     @property
     def dataset_dir(self) -> Path:
-        return self.cache_dir / "datasets" / digest([self.tokenizer_path.name, self.source.fingerprint(), CACHE_VERSION])
+        return self.cache_dir / "datasets" / digest([self.tokenizer_path.name, *self.cache_key()])
 
     def prepare_data(self):
         """Rank 0 only: read and check the data, train the tokenizer, tokenize, cache."""
-        done = self.dataset_dir / "complete"
-        if done.exists() and self.tokenizer_path.exists():
+        if self.dataset_dir.is_dir() and self.tokenizer_path.exists():
+            rank_zero_info(f"Reusing cached dataset {self.dataset_dir} and tokenizer {self.tokenizer_path}")
             return
         raw = {s: self.source.load(s) for s in SPLITS}
         if raw["train"] is None or raw["val"] is None:
@@ -106,10 +119,18 @@ class TextData(LightningDataModule):
         def encode(rows):
             return {ids: [e.ids + [bpe.EOS_ID] for e in tok.encode_batch(rows[col])] for col, ids in self.COLUMNS.items()}
 
+        # Built aside and renamed into place: a killed run leaves no half cache to be read.
+        staging = self.dataset_dir.with_name(f".{self.dataset_dir.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
         for split, ds in raw.items():
             if ds is not None:
-                ds.map(encode, batched=True, desc=f"Tokenizing {split}").save_to_disk(str(self.dataset_dir / split))
-        done.touch()
+                ds.map(encode, batched=True, desc=f"Tokenizing {split}").save_to_disk(str(staging / split))
+        try:
+            staging.rename(self.dataset_dir)
+        except OSError:
+            if not self.dataset_dir.is_dir():  # else another process finished the same cache first
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
 
     def setup(self, stage: str | None = None):
         """Every rank: load the cached splits and apply the length limits."""
@@ -172,14 +193,17 @@ class TextData(LightningDataModule):
     def _loader(self, split: str, sampler: ShardedBatchSampler) -> DataLoader:
         ds = self.splits[split]
         columns = {c: ds[c] for c in ("src_ids", "tgt_ids", "label", "target") if c in ds.column_names}
-        return DataLoader(range(len(ds)), batch_sampler=sampler, collate_fn=lambda idx: collate(idx, **columns), num_workers=self.num_workers)
+        # Its own generator: building a loader must not draw from the global random stream,
+        # or a resumed run, which builds loaders at other moments, would draw other dropout masks.
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(range(len(ds)), batch_sampler=sampler, collate_fn=lambda idx: collate(idx, **columns), num_workers=self.num_workers, generator=generator)
 
     def train_dataloader(self):
         # An epoch's number of batches depends on its order. Lightning counts them when it
         # builds the loader, so it must build one every epoch, after the epoch is known.
         if self.trainer is not None:
             if self.trainer.reload_dataloaders_every_n_epochs != 1:
-                raise ValueError(
+                raise ConfigError(
                     f"{type(self).__name__} needs trainer.reload_dataloaders_every_n_epochs=1: the number of batches changes "
                     "from epoch to epoch with the order, and Lightning counts them once per loader"
                 )

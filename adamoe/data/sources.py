@@ -12,12 +12,9 @@ import datasets
 from lightning.pytorch.utilities import rank_zero_info
 
 from adamoe.data import synthetic
+from adamoe.errors import DataError
 
 SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and, where one is to blame, the line."""
 
 
 def _pairs(sources: list[str], targets: list[str]) -> datasets.Dataset:
@@ -35,8 +32,9 @@ class DataSource:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """Changes whenever the data would: used to key the tokenizer and dataset caches."""
-        return repr(sorted(vars(self).items()))
+        """Changes whenever the data would: used to key the tokenizer and dataset caches.
+        The class is part of it: two sources with equal arguments can make different data."""
+        return f"{type(self).__module__}.{type(self).__qualname__}{sorted(vars(self).items())!r}"
 
 
 class Synthetic(DataSource):

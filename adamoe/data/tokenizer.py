@@ -1,9 +1,12 @@
 """Joint BPE vocabulary, trained once on the training split and cached by content."""
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from adamoe.errors import ConfigError
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]  # ids 0..3, in this order
@@ -19,7 +22,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS, show_progress=False)
     tok.train_from_iterator(texts, trainer)
     if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"BPE produced {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}")
+        raise ConfigError(f"BPE produced {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}")
     return tok
 
 
@@ -30,7 +33,7 @@ def load_or_train(path: Path, texts: Iterable[str], vocab_size: int) -> tuple[To
         return Tokenizer.from_file(str(path)), True
     tok = train_bpe(texts, vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tok.save(str(tmp))
     tmp.replace(path)  # atomic: a reader never sees half a file
     return tok, False

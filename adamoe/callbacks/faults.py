@@ -1,0 +1,144 @@
+"""Surviving faults: non-finite steps kept out of the weights, random streams that resume."""
+
+import random
+from typing import Literal
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from adamoe.errors import TrainingError
+
+
+class NonFiniteGuard(Callback):
+    """Checks every training step's loss and gradients before the optimizer sees them.
+
+    `action: stop` (default) ends fit with a message naming the step, the first layer or
+    loss term that went non-finite, and the last good checkpoint. `action: skip` drops the
+    step's gradients (the optimizer leaves every weight and its state as they were),
+    counts it in `train/skipped_steps`, and stops after `max_consecutive` such steps in a
+    row. Under DDP the verdict is summed over ranks, so all ranks stop or skip together.
+    Under fp16 loss scaling, gradient overflow is the scaler's to handle; only the loss is
+    checked.
+    """
+
+    def __init__(self, action: Literal["stop", "skip"] = "stop", max_consecutive: int = 10):
+        self.action, self.max_consecutive = action, max_consecutive
+        self.skipped, self.in_a_row = 0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch
+        self.bad_loss = None
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.bad_loss = ~torch.isfinite(loss.detach())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        flags = [] if self.bad_loss is None else [self.bad_loss]
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads and getattr(trainer.precision_plugin, "scaler", None) is None:
+            flags.append(~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+        bad = torch.stack(flags).any().float() if flags else torch.zeros((), device=trainer.strategy.root_device)
+        bad_ranks = int(trainer.strategy.reduce(bad, reduce_op="sum"))  # the one host sync this guard costs
+        if not bad_ranks:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.action == "skip" and self.in_a_row <= self.max_consecutive:
+            self.skipped += 1
+            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the optimizer
+            pl_module.log("train/skipped_steps", float(self.skipped), reduce_fx="max", batch_size=1)
+            rank_zero_warn(f"step {trainer.global_step}: non-finite loss or gradient on {bad_ranks} rank(s), step skipped ({self.skipped} so far)")
+            return
+        raise TrainingError(self._message(trainer, pl_module))
+
+    def _message(self, trainer, pl_module) -> str:
+        what = diagnose(pl_module, self.batch)
+        if trainer.world_size > 1:
+            # Under DDP every rank's gradients are non-finite after the all-reduce; the rank
+            # whose forward pass went non-finite is the one to name.
+            found = [None] * trainer.world_size
+            torch.distributed.all_gather_object(found, (what, self.bad_loss is not None and bool(self.bad_loss)))
+            culprits = [r for r, (w, loss_bad) in enumerate(found) if loss_bad or w.startswith("first")] or [trainer.global_rank]
+            what = f"on rank {culprits[0]}: {found[culprits[0]][0]}"
+        ckpt = trainer.checkpoint_callback
+        last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
+        row = f" ({self.in_a_row} in a row)" if self.action == "skip" else ""
+        return (
+            f"step {trainer.global_step}: non-finite training step{row}, {what}. The weights were not updated. "
+            f"Last good checkpoint: {last or 'none saved yet'}. "
+            "Lower the learning rate or clip gradients, or set --nonfinite.action skip to skip such steps."
+        )
+
+    def state_dict(self):
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state):
+        self.skipped = state["skipped"]
+
+
+def diagnose(pl_module, batch) -> str:
+    """Re-runs the batch's forward pass to find the first module whose output, or the loss
+    term, that is not finite."""
+    first = []
+
+    def hook(module, args, output):
+        tensors = [t for t in (output if isinstance(output, tuple) else (output,)) if torch.is_tensor(t) and t.is_floating_point()]
+        if not first and any(not torch.isfinite(t).all() for t in tensors):
+            first.append(module)
+
+    names = {m: n for n, m in pl_module.named_modules()}
+    handles = [m.register_forward_hook(hook) for m in names if m is not pl_module]
+    try:
+        with torch.no_grad():
+            loss, _, routings = pl_module.step(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if first:
+        return f"first non-finite output from layer {names[first[0]]} ({type(first[0]).__name__})"
+    layer_names = getattr(pl_module.model, "moe_layer_names", [])
+    for name, r in zip(layer_names, routings):
+        if not torch.isfinite(r.aux_loss).all():
+            return f"the aux loss of MoE layer {name} is not finite"
+    if not torch.isfinite(loss):
+        return "the task loss is not finite"
+    grads = [n for n, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    return f"the gradient of {grads[0]} is not finite" if grads else "the forward pass is finite when rerun (dropout?)"
+
+
+class RandomState(Callback):
+    """Saves every rank's random streams (torch, CUDA, Python's `random`) in checkpoints and
+    restores them just before the first training batch of a resumed run, so that dropout
+    draws the same masks as the run that was never stopped. With another number of ranks
+    the streams cannot match; the run goes on and says so."""
+
+    def state_dict(self):
+        trainer = self._trainer
+        state = torch.cat([torch.get_rng_state(), torch.tensor(random.getstate()[1], dtype=torch.int64).view(torch.uint8)])
+        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+            state = torch.cat([state, torch.cuda.get_rng_state(trainer.strategy.root_device)])
+        gathered = trainer.strategy.all_gather(state.to(trainer.strategy.root_device))
+        return {"per_rank": gathered.reshape(trainer.world_size, -1).cpu(), "python_version": random.getstate()[0]}
+
+    def setup(self, trainer, pl_module, stage):
+        self._trainer = trainer
+        self._pending = None
+
+    def load_state_dict(self, state):
+        self._pending = state
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        state, self._pending = self._pending, None
+        if state is None:
+            return
+        if state["per_rank"].shape[0] != trainer.world_size:
+            rank_zero_warn(f"checkpoint saved with {state['per_rank'].shape[0]} ranks, resumed with {trainer.world_size}: random streams start anew")
+            return
+        row = state["per_rank"][trainer.global_rank]
+        n_torch = torch.get_rng_state().numel()
+        n_py = 625 * 8
+        torch.set_rng_state(row[:n_torch].clone())
+        random.setstate((state["python_version"], tuple(row[n_torch : n_torch + n_py].view(torch.int64).tolist()), None))
+        if row.numel() > n_torch + n_py:
+            torch.cuda.set_rng_state(row[n_torch + n_py :].clone(), trainer.strategy.root_device)
