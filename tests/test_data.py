@@ -168,3 +168,47 @@ def test_none_is_a_seeded_shuffle_that_changes_every_epoch():
     e0 = list(c)
     c.set_epoch(1)
     assert list(c) != e0
+
+
+def test_cache_is_rebuilt_when_anything_it_depends_on_changes(tmp_path, monkeypatch, caplog):
+    """One line of a data file, vocab_size, the source's class or the task: each is another
+    cache; nothing changed reuses it and says so."""
+    import logging
+
+    from adamoe.data import ClassificationData, SyntheticSentiment
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for split in ("val", "test"):
+        write(root / f"{split}.de", "e f\n")
+        write(root / f"{split}.en", "u v\n")
+    source = parallel(root)
+    base = TranslationData(source, vocab_size=40, cache_dir=str(tmp_path / "cache"))
+    base.prepare_data()
+    built = base.dataset_dir
+    assert built.is_dir() and not list(built.parent.glob(".*.tmp"))  # staged and renamed
+
+    monkeypatch.setattr("lightning.pytorch.utilities.rank_zero.rank_zero_only.rank", 0)
+    with caplog.at_level(logging.INFO):
+        again = TranslationData(ParallelText(str(root), "de", "en"), vocab_size=40, cache_dir=str(tmp_path / "cache"))
+        monkeypatch.setattr(ParallelText, "load", lambda self, split: pytest.fail("read the data again"))
+        again.prepare_data()
+    assert again.dataset_dir == built and f"Reusing cached dataset {built}" in caplog.text
+    monkeypatch.undo()
+
+    assert TranslationData(ParallelText(str(root), "de", "en"), vocab_size=41, cache_dir=str(tmp_path / "cache")).dataset_dir != built
+    synthetic = dict(train_size=10, val_size=2, test_size=2)
+    embedded = TranslationData(Synthetic(**synthetic), cache_dir=str(tmp_path / "cache"))
+    assert embedded.dataset_dir != TranslationData(SyntheticSentiment(**synthetic), cache_dir=str(tmp_path / "cache")).dataset_dir
+    assert embedded.dataset_dir != ClassificationData(Synthetic(**synthetic), cache_dir=str(tmp_path / "cache")).dataset_dir
+    import os
+    import time
+
+    time.sleep(0.01)
+    write(root / "train.en", "x y\nz q\n")  # one line changed
+    os.utime(root / "train.en")
+    changed = TranslationData(ParallelText(str(root), "de", "en"), vocab_size=40, cache_dir=str(tmp_path / "cache"))
+    assert changed.dataset_dir != built
+    changed.prepare_data()
+    changed.setup("fit")
+    assert changed.decode(changed.splits["train"]["tgt_ids"][1]) == "z q"

@@ -45,6 +45,16 @@ def test_loss_includes_aux_and_ignores_padding():
     assert smoothed.item() == pytest.approx(nll.item())
     aux = sum(r.aux_loss for r in routings)
     assert aux > 0 and m.training_step(b, 0).item() == pytest.approx((nll + aux).item())
+    # Padding changes nothing: the batch's loss is the token-weighted mean of each
+    # sequence's loss computed alone, without padding.
+    total = 0.0
+    for i in range(3):
+        n = int((~b["tgt_pad"][i]).sum())
+        alone = {k: v[i : i + 1, :n] if k in ("tgt_in", "tgt_out", "tgt_pad") else v[i : i + 1] for k, v in b.items() if torch.is_tensor(v)}
+        m_src = int((~b["src_pad"][i]).sum())
+        alone.update(src=alone["src"][:, :m_src], src_pad=alone["src_pad"][:, :m_src])
+        total += m._losses(alone)[1].item() * n
+    assert nll.item() == pytest.approx(total / ntokens, rel=1e-5)
 
 
 def test_warmup_inverse_sqrt_schedule():

@@ -120,8 +120,9 @@ class TextData(LightningDataModule):
             return {ids: [e.ids + [bpe.EOS_ID] for e in tok.encode_batch(rows[col])] for col, ids in self.COLUMNS.items()}
 
         # Built aside and renamed into place: a killed run leaves no half cache to be read.
+        for stale in self.dataset_dir.parent.glob(f".{self.dataset_dir.name}.*.tmp"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         staging = self.dataset_dir.with_name(f".{self.dataset_dir.name}.{os.getpid()}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
         for split, ds in raw.items():
             if ds is not None:
                 ds.map(encode, batched=True, desc=f"Tokenizing {split}").save_to_disk(str(staging / split))
