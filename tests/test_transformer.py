@@ -79,3 +79,58 @@ def test_beam_of_one_is_greedy_and_pads_after_eos():
         hyp, ref = out[b].tolist(), ys[b, 1:].tolist()
         n = ref.index(EOS) + 1 if EOS in ref else len(ref)
         assert hyp[:n] == ref[:n] and all(t == PAD for t in hyp[n:])
+
+
+class PrefixTable:
+    """A decoder whose next-token logits are random per whole prefix: beam search's
+    bookkeeping (reordered rows, finished beams) must carry each prefix to its own row."""
+
+    def __init__(self, V: int, seed: int):
+        self.V, self.g, self.table = V, torch.Generator().manual_seed(seed), {}
+
+    def logp(self, prefix: tuple) -> torch.Tensor:
+        if prefix not in self.table:
+            self.table[prefix] = (3 * torch.randn(self.V, generator=self.g)).log_softmax(-1)
+        return self.table[prefix]
+
+    def decode(self, ys, memory=None, src_pad=None, **kwargs):
+        logits = torch.zeros(*ys.shape, self.V)
+        for i, row in enumerate(ys.tolist()):
+            logits[i, -1] = self.logp(tuple(row))
+        return logits, []
+
+
+def exhaustive_best(table: PrefixTable, max_len: int, length_penalty: float) -> list[int]:
+    """Every token sequence of up to max_len tokens (ending at the first eos, pad after it),
+    scored by its summed log-probability over len ** length_penalty, len counting
+    non-pad tokens as beam search does."""
+    import itertools
+
+    candidates = {seq[: seq.index(EOS) + 1] if EOS in seq else seq for seq in itertools.product(range(table.V), repeat=max_len)}
+    best, best_score = None, float("-inf")
+    for seq in candidates:
+        logp = sum(table.logp((BOS, *seq[:t]))[tok].item() for t, tok in enumerate(seq))
+        length = max(1, sum(t != PAD for t in seq))
+        if logp / length**length_penalty > best_score:
+            best, best_score = list(seq), logp / length**length_penalty
+    return best + [PAD] * (max_len - len(best))
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_beam_search_wide_enough_equals_exhaustive_search(length_penalty, monkeypatch):
+    """With a beam as wide as all V ** L sequences nothing is pruned, so beam search must
+    return the exhaustive optimum: this checks the scores, the frozen finished beams and the
+    length-normalized final pick."""
+    V, L = 5, 3
+    m = model(vocab_size=V).eval()
+    early = 0
+    for seed in range(4):
+        table = PrefixTable(V, seed)
+        monkeypatch.setattr(m, "decode", table.decode)
+        expected = exhaustive_best(table, L, length_penalty)
+        early += EOS in expected[:-1]
+        with torch.no_grad():
+            got = m.generate(torch.tensor([[3, 4, 2]]), BOS, EOS, L, beam_size=V**L, length_penalty=length_penalty, use_cache=False)[0].tolist()
+        assert got + [PAD] * (L - len(got)) == expected, f"seed {seed}"
+    if length_penalty == 0.0:
+        assert early  # unnormalized scores favour short sequences: finished beams were picked
