@@ -1,6 +1,7 @@
 """End to end through train.py, as a user runs it."""
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -41,11 +42,14 @@ def test_validate_test_predict_from_checkpoint(fitted):
     assert len((tmp / "pred.txt").read_text().splitlines()) == 12
 
 
-def test_resume_from_last_continues_the_step(fitted):
-    tmp, cfg = fitted
-    train("fit", "--config", cfg, "--ckpt_path", "last", "--trainer.max_steps", 9, cwd=tmp)
-    runs = sorted((tmp / "logs" / "tiny").glob("version_*"))
-    resumed = runs[-1]
+def test_resume_from_last_continues_the_step(fitted, tmp_path):
+    # In a folder of its own: the shared run's last.ckpt and versions stay as they were.
+    src, cfg = fitted
+    ckpts = tmp_path / "logs" / "tiny" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copy(src / "logs" / "tiny" / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
+    train("fit", "--config", cfg, "--ckpt_path", "last", "--trainer.max_steps", 9, "--trainer.logger.init_args.save_dir", tmp_path / "logs", cwd=tmp_path)
+    resumed = tmp_path / "logs" / "tiny" / "version_0"
     assert json.loads((resumed / "metrics.json").read_text())["global_step"] == 9
     assert min(step for step, _ in scalars(resumed)["train/loss"]) >= 6
 

@@ -127,9 +127,13 @@ def test_resuming_mid_epoch_continues_the_same_order():
     assert all(isinstance(v, (int, str, torch.Tensor)) for v in state.values())
 
 
-def test_resume_mid_epoch_through_train_py_sees_every_sample_once(tmp_path):
+def test_resume_mid_epoch_through_train_py_counts_every_sample_once_as_a_recount_does(tmp_path):
+    """Stopped mid-epoch and resumed, the epoch's recorded two-expert and token counts per
+    sample and MoE layer equal a recount by forward passes over the same batches (lr 0 and
+    no dropout keep the weights and routing of every step those of the checkpoint)."""
     cfg = tiny_config(tmp_path)
-    common = ["--config", cfg, "--data.curriculum", "paper", "--trainer.max_epochs", 1, "--trainer.max_steps", -1]
+    common = ["--config", cfg, "--data.curriculum", "paper", "--trainer.max_epochs", 1, "--trainer.max_steps", -1,
+              "--model.optimizer.lr", 0.0, "--model.dropout", 0.0]  # fmt: skip
     train("fit", *common, "--trainer.max_steps", 3, cwd=tmp_path)  # stops mid-epoch, after a checkpoint at step 3
     ckpt = tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)["TranslationData"]["train_sampler"]
@@ -138,15 +142,26 @@ def test_resume_mid_epoch_through_train_py_sees_every_sample_once(tmp_path):
     final = torch.load(ckpt, weights_only=True)
     table = final["TranslationData"]["train_sampler"]
     assert final["global_step"] > 3
-    # Every training sample counted exactly once in epoch 0: its source tokens, once.
     from adamoe.data import Synthetic, TranslationData
+    from adamoe.data.datamodule import collate
+    from adamoe.module import TranslationModule
 
-    dm = TranslationData(Synthetic(200, 16, 12), vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    dm = TranslationData(Synthetic(200, 16, 12), vocab_size=300, max_tokens=400, cache_dir=str(tmp_path / "cache"), curriculum="paper")
     dm.setup("fit")
-    src_len = torch.tensor([float(len(s)) for s in dm.splits["train"]["src_ids"]])
+    ds = dm.splits["train"]
+    model = TranslationModule.load_from_checkpoint(ckpt).train()
+    two, tokens = torch.zeros(200, 2, dtype=torch.float64), torch.zeros(200, 2, dtype=torch.float64)
+    with torch.no_grad():
+        for b in dm.train_sampler.global_batches():  # epoch 0's batches, as trained
+            batch = collate(b, src_ids=ds["src_ids"], tgt_ids=ds["tgt_ids"])
+            _, (enc, dec) = model(batch)
+            two[b] = torch.stack([enc.two_expert_counts(len(b)), dec.two_expert_counts(len(b))], 1).double()
+            tokens[b] = torch.stack([(~batch["src_pad"]).sum(1), (~batch["tgt_pad"]).sum(1)], 1).double()
     # The last checkpoint may come before or after the epoch's counts become the table.
-    counted = table["epoch_tokens_NL"] + table.get("tokens_NL", torch.zeros_like(table["epoch_tokens_NL"]))
-    assert torch.equal(counted[:, 0], src_len)
+    ended = table["epoch_tokens_NL"].sum() == 0
+    counted_two, counted_tokens = (table["two_NL"], table["tokens_NL"]) if ended else (table["epoch_two_NL"], table["epoch_tokens_NL"])
+    assert torch.equal(counted_tokens, tokens) and torch.equal(counted_two, two)
+    assert two.sum() > 0 and (two < tokens).any()  # some tokens took two experts, not all
 
 
 def test_validation_follows_each_epoch_whatever_its_number_of_batches(tmp_path):

@@ -82,3 +82,18 @@ def test_warmup_cosine_schedule():
     assert lrs[:2] == pytest.approx([0.5, 1.0])
     assert lrs[2] == pytest.approx(1.0) and lrs[7] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
     assert lrs[12] == pytest.approx(0.1) and lrs[13] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_classification_pools_the_first_state_or_the_mean_of_real_ones(pooling):
+    from adamoe.module import ClassificationModule
+
+    torch.manual_seed(0)
+    m = ClassificationModule(vocab_size=50, d_model=16, n_heads=2, d_ff=32, num_encoder_layers=2, num_experts=4, dropout=0.0, pooling=pooling)
+    b = batch()
+    logits, _ = m(b)
+    states, _ = m.model.encode(b["src"], b["src_pad"])
+    for i in range(3):
+        n = int((~b["src_pad"][i]).sum())
+        pooled = states[i, 0] if pooling == "first" else states[i, :n].mean(0)
+        torch.testing.assert_close(logits[i], m.head(pooled))

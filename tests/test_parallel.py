@@ -2,7 +2,7 @@
 
 import copy
 import os
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -16,19 +16,15 @@ from adamoe.transformer import Transformer
 GATES = {"top1": Top1Gate, "top2": Top2Gate, "adaptive": lambda d, e: AdaptiveGate(d, e, threshold=0.3)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(fn, *args):
-    mp.spawn(_init_and_run, args=(fn, free_port(), *args), nprocs=2, join=True)
+    # A file store: no port to find free and then lose to another process before use.
+    store = tempfile.NamedTemporaryFile(prefix="adamoe-store-", delete=False).name
+    os.unlink(store)
+    mp.spawn(_init_and_run, args=(fn, store, *args), nprocs=2, join=True)
 
 
-def _init_and_run(rank, fn, port, *args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _init_and_run(rank, fn, store_path, *args):
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     try:
         fn(rank, *args)
     finally:

@@ -134,3 +134,37 @@ def test_beam_search_wide_enough_equals_exhaustive_search(length_penalty, monkey
         assert got + [PAD] * (L - len(got)) == expected, f"seed {seed}"
     if length_penalty == 0.0:
         assert early  # unnormalized scores favour short sequences: finished beams were picked
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.7, 0), (1.5, 3)])
+def test_sampled_continuation_follows_the_tempered_top_k_distribution(temperature, top_k):
+    """4000 continuations of one prompt: the first new token's frequencies match
+    softmax(logits / temperature) over the top_k likeliest tokens, computed by hand."""
+    torch.manual_seed(0)
+    m = model(num_encoder_layers=0, vocab_size=8).eval()
+    prompt = torch.tensor([[BOS, 5, 6, 3]])
+    n = 4000
+    with torch.no_grad():
+        logits = m.decode(prompt)[0][0, -1].double()
+        got = m.continue_text(prompt.repeat(n, 1), EOS, 1, temperature, top_k, generator=torch.Generator().manual_seed(1))[:, 0]
+    allowed = logits.topk(top_k).indices if top_k else torch.arange(8)
+    p = torch.zeros(8, dtype=torch.float64)
+    p[allowed] = (logits[allowed] / temperature).softmax(-1)
+    freq = torch.bincount(got, minlength=8).double() / n
+    assert (freq[p == 0] == 0).all()  # nothing outside the top k
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-3).all(), (freq, p)
+
+
+def test_greedy_continuation_takes_the_argmax_each_step():
+    torch.manual_seed(1)
+    m = model(num_encoder_layers=0, vocab_size=12).eval()
+    prompt = torch.tensor([[BOS, 5, 7], [BOS, 9, 4]])
+    with torch.no_grad():
+        got = m.continue_text(prompt, EOS, 4)
+        ys = prompt
+        for _ in range(4):
+            ys = torch.cat([ys, m.decode(ys)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    want = ys[:, 3:]
+    for row, w in zip(got.tolist(), want.tolist()):
+        cut = w.index(EOS) + 1 if EOS in w else len(w)
+        assert row[:cut] == w[:cut] and all(t == PAD for t in row[cut:])
