@@ -5,6 +5,7 @@ import shutil
 import sys
 
 import pytest
+import yaml
 from helpers import ROOT, scalars, tiny_config, train
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -31,15 +32,42 @@ def test_fit_writes_events_config_metrics_and_checkpoints(fitted):
     assert (tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt").exists()
 
 
-def test_validate_test_predict_from_checkpoint(fitted):
+def test_test_bleu_is_sacrebleu_of_the_predicted_hypotheses(fitted):
+    """`test` and `predict` decode the test split with the same beam search: test/bleu must
+    be sacreBLEU's corpus score of the prediction file against the references, line by line."""
+    import sacrebleu
+
+    from adamoe.data import Synthetic
+
     tmp, cfg = fitted
     ckpt = tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt"
-    out = train("validate", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp)
-    assert "val/bleu" in out.stdout
-    out = train("test", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp)
-    assert "test/bleu" in out.stdout
+    out = train("test", "--config", cfg, "--ckpt_path", ckpt, "--trainer.logger.init_args.version", "bleu-test", cwd=tmp)
     train("predict", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp)
-    assert len((tmp / "pred.txt").read_text().splitlines()) == 12
+    hyps = (tmp / "pred.txt").read_text().splitlines()
+    refs = Synthetic(200, 16, 12).load("test")["target"]
+    assert len(hyps) == len(refs) == 12
+    logged = scalars(tmp / "logs" / "tiny" / "bleu-test")["test/bleu"][-1][1]
+    assert logged == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-4), out.stdout[-2000:]
+
+
+def test_val_bleu_is_sacrebleu_of_the_decoded_hypotheses(fitted, tmp_path, monkeypatch):
+    """With hypotheses that share part of each reference (a nonzero score), the logged
+    val/bleu equals sacreBLEU's corpus BLEU over the validation set."""
+    import sacrebleu
+
+    from adamoe.cli import main
+    from adamoe.data import Synthetic
+    from adamoe.module import TranslationModule
+
+    src, cfg = fitted
+    monkeypatch.setattr(TranslationModule, "decode", lambda self, batch, beam: [" ".join(t.split()[:-1]) for t in batch["target"]])
+    cli = main(["validate", "--config", str(cfg), "--ckpt_path", str(src / "logs" / "tiny" / "checkpoints" / "last.ckpt"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
+    refs = Synthetic(200, 16, 12).load("val")["target"]
+    want = sacrebleu.corpus_bleu([" ".join(t.split()[:-1]) for t in refs], [refs]).score
+    assert 10 < want < 100 and float(cli.trainer.callback_metrics["val/bleu"]) == pytest.approx(want, abs=1e-3)
+
+
 
 
 def test_resume_from_last_continues_the_step(fitted, tmp_path):
@@ -77,20 +105,54 @@ def test_gate_threshold_from_the_command_line(tmp_path):
     assert cli.model.hparams.vocab_size == 300  # linked from the data config
 
 
+def merged(*paths) -> dict:
+    """The YAML files layered as LightningCLI layers them: later keys win, dicts merge."""
+
+    def merge(a, b):
+        if a.get("class_path", b.get("class_path")) != b.get("class_path", a.get("class_path")):
+            return b  # another class: its own arguments only
+        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v for k, v in b.items()}}
+
+    out = {}
+    for path in paths:
+        out = merge(out, yaml.safe_load(path.read_text()) or {})
+    return out
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
-def test_every_config_instantiates(config, tmp_path):
+def test_every_config_builds_the_model_and_data_it_names(config, tmp_path):
     from adamoe.cli import main
 
-    args = ["--config", str(config)]
+    files = [config]
     if config.parent.name in ("gate", "preset"):
-        args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), *args]  # they compose with a task config
-    if config.name == "multi30k.yaml":
+        files = [ROOT / "configs" / "quickstart.yaml", *files]  # they compose with a task config
+        if config.name in ("replicate.yaml", "paper_shape.yaml"):
+            files = [ROOT / "configs" / "multi30k.yaml", *files[1:]]
+    args = sum((["--config", str(f)] for f in files), [])
+    if "multi30k.yaml" in args[1]:
         args += ["--data.source.init_args.root", str(tmp_path)]
     args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--data.cache_dir", str(tmp_path)]
     if config.name == "ddp.yaml":
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32"]
     cli = main(args, run=False)
-    assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+    want = merged(*files)
+    model, data = want["model"], want["data"]
+    assert f"{type(cli.model).__module__.split('.')[0]}.{type(cli.model).__name__}" == model["class_path"]
+    assert type(cli.datamodule).__name__ == data["class_path"].rsplit(".", 1)[1]
+    init = model["init_args"]
+    hp = cli.model.hparams
+    for key in ("d_model", "d_ff", "num_experts", "moe_every", "num_encoder_layers", "num_decoder_layers", "dropout"):
+        if key in init:
+            assert hp[key] == init[key], key
+    layers = cli.model.model.moe_layers()
+    every = hp["moe_every"]
+    assert len(layers) == (0 if every == 0 else hp["num_encoder_layers"] // every + hp["num_decoder_layers"] // every)
+    assert all(layer.experts.w0_EDF.shape == (hp["num_experts"], hp["d_model"], hp["d_ff"]) for layer in layers)
+    gate = init.get("gate", {}).get("class_path", "adamoe.Top2Gate").rsplit(".", 1)[1]
+    assert {type(layer.gate).__name__ for layer in layers} <= {gate}
+    if "threshold" in init.get("gate", {}).get("init_args", {}):
+        assert all(layer.gate.threshold == init["gate"]["init_args"]["threshold"] for layer in layers)
+    assert cli.datamodule.vocab_size == data["init_args"]["vocab_size"] == hp["vocab_size"]
 
 
 @pytest.mark.parametrize("task", ["quickstart.yaml", "task/classification.yaml", "task/causal_lm.yaml"])
