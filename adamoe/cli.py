@@ -75,21 +75,32 @@ class AdamoeCLI(LightningCLI):
             strategy._timeout = self._get(self.config_init, "collective_timeout")
         return trainer
 
+    def parse_arguments(self, parser, args):
+        self._command_line = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self):
-        # Lightning rebuilds the model from a checkpoint's saved arguments, whatever the config
-        # says. A checkpoint of another task would then meet this task's data deep inside a
-        # step: stop here instead.
+        """Lightning rebuilds the model from a checkpoint's saved arguments, over the config.
+        Two changes: a checkpoint of another task stops here, rather than meeting this task's
+        data deep inside a step; and `--model.*` given on the command line (`predict_output`,
+        `beam_size`, ...) win over the saved ones."""
         subcommand = self.config.get("subcommand")
         ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt and Path(ckpt).is_file():
-            try:
-                saved = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {}).get("_class_path")
-            except Exception as e:  # a truncated or foreign file
-                raise CheckpointError(f"{ckpt}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-            wanted = self.config[subcommand].get("model", {}).get("class_path")
-            if saved and wanted and saved != wanted:
-                raise CheckpointError(f"{ckpt} was saved by {saved}; this config's model is {wanted}, for another task")
-        super()._parse_ckpt_path()
+        if not ckpt or not Path(ckpt).is_file():
+            return
+        try:
+            hparams = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        except Exception as e:  # a truncated or foreign file
+            raise CheckpointError(f"{ckpt}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        hparams.pop("_instantiator", None)
+        saved, wanted = hparams.pop("_class_path", None), self.config[subcommand].get("model", {}).get("class_path")
+        if saved and wanted and saved != wanted:
+            raise CheckpointError(f"{ckpt} was saved by {saved}; this config's model is {wanted}, for another task")
+        given = {a.split("=")[0].removeprefix("--model.").removeprefix("init_args.").split(".")[0] for a in self._command_line if a.startswith("--model.")}
+        kept = {k: v for k, v in hparams.items() if k not in given}
+        if kept:
+            model = {"class_path": saved, "dict_kwargs": kept} if saved else kept
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def _check_run(self):
         """What would otherwise fail late, or deep inside a library."""

@@ -1,9 +1,12 @@
 """Shared by the end-to-end tests: a tiny run config and a train.py runner."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
@@ -36,8 +39,26 @@ def tiny_config(tmp: Path) -> Path:
 
 
 def train(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    """`python train.py ARGS` in `cwd`. Runs in this process, which saves the seconds of
+    importing torch and Lightning again, unless it starts DDP processes: Lightning relaunches
+    the command line for the other ranks, so those need a command line of their own."""
+    args = [str(a) for a in args]
+    if "--trainer.devices" in args and args[args.index("--trainer.devices") + 1] != "1":
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    else:
+        from adamoe.cli import entry
+
+        stdout, stderr, here, argv = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv
+        try:
+            os.chdir(cwd)
+            sys.argv = ["train.py", *args]
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                code = entry(args)
+        finally:
+            os.chdir(here)
+            sys.argv = argv
+        out = SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 

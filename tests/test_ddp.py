@@ -181,7 +181,13 @@ def test_predict_under_ddp_writes_line_i_for_input_i(ddp_run):
     """Each line of the 2-process prediction file is the single-process greedy decode of the
     test input with that index."""
     tmp, cfg = ddp_run
-    ckpt = tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt"
+    # The run's weights are the untrained initial ones, which decode every input to the
+    # same string; noise makes each input decode differently.
+    state = torch.load(tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    state["state_dict"] = {k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    ckpt = tmp / "noisy.ckpt"
+    torch.save(state, ckpt)
     out = tmp / "ddp-predictions.txt"
     train("predict", "--config", cfg, "--ckpt_path", ckpt, *DDP, "--model.beam_size", 1, "--model.max_decode_len", 8, "--model.predict_output", out, cwd=tmp)
     lines = out.read_text().splitlines()
