@@ -51,7 +51,6 @@ def save_split(self, *args, **kwargs):
         die()
 
 
-datasets.Dataset.save_to_disk = save_split
 
 torch_save = torch.save
 
@@ -66,32 +65,27 @@ def save(obj, f, *args, **kwargs):
     die()
 
 
-torch.save = save
-
-poison_name, _, poison_steps = os.environ.get("POISON", "").partition(":")
-POISON_STEPS = {int(s) for s in poison_steps.split(",") if s}
-training_step = module.MoEModule.training_step
-
 
 def nan_output(module, args, out):
     return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
 
 
-hooks = []
+def poisoned(training_step, layer: str, steps: set[int], armed: bool = True):
+    """`training_step` with `layer`'s output made NaN at those global steps. The hook stays
+    until the next step, so that the guard's diagnosis sees the same fault."""
+    hooks = []
 
+    def step(self, batch, batch_idx):
+        if hit("step"):
+            die()
+        while hooks:
+            hooks.pop().remove()
+        if armed and self.global_step in steps:
+            hooks.append(dict(self.named_modules())[layer].register_forward_hook(nan_output))
+        return training_step(self, batch, batch_idx)
 
-def faulty_training_step(self, batch, batch_idx):
-    if hit("step"):
-        die()
-    while hooks:
-        hooks.pop().remove()
-    # Kept until the next step, so that the guard's diagnosis sees the same fault.
-    if ARMED and self.global_step in POISON_STEPS:
-        hooks.append(dict(self.named_modules())[poison_name].register_forward_hook(nan_output))
-    return training_step(self, batch, batch_idx)
+    return step
 
-
-module.MoEModule.training_step = faulty_training_step
 
 validation_step = module.TranslationModule.validation_step
 
@@ -102,7 +96,15 @@ def faulty_validation_step(self, batch, batch_idx):
     return validation_step(self, batch, batch_idx)
 
 
-module.TranslationModule.validation_step = faulty_validation_step
+def install():
+    """Put the faults of FAULT and POISON in place; importing this file changes nothing."""
+    datasets.Dataset.save_to_disk = save_split
+    torch.save = save
+    layer, _, steps = os.environ.get("POISON", "").partition(":")
+    module.MoEModule.training_step = poisoned(module.MoEModule.training_step, layer, {int(s) for s in steps.split(",") if s}, ARMED)
+    module.TranslationModule.validation_step = faulty_validation_step
+
 
 if __name__ == "__main__":
+    install()
     sys.exit(entry())

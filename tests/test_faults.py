@@ -56,7 +56,7 @@ def last_step(ckpt_dir: Path) -> int | None:
 def reference(tmp_path_factory):
     """The uninterrupted run."""
     tmp = tmp_path_factory.mktemp("reference")
-    run("fit", "--config", resumable_config(tmp), cwd=tmp).check_returncode()
+    train("fit", "--config", resumable_config(tmp), cwd=tmp)
     return losses(tmp / "logs" / "tiny")
 
 
@@ -107,34 +107,57 @@ def test_ddp_dead_rank_fails_fast_and_the_resumed_run_is_the_same_run(tmp_path_f
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6, rel=0), f"step {step}"
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_nan_stops_with_the_step_layer_and_last_checkpoint(devices, tmp_path):
-    args = ["fit", "--config", tiny_config(tmp_path), "--trainer.max_steps", 8]
-    env = {"POISON": "model.encoder.1.ffn:4"}
-    if devices == 2:
-        args, env = ddp(*args), {**env, "FAULT_RANK": "1"}  # one rank's NaN stops both
-    out = run(*args, cwd=tmp_path, **env)
-    assert out.returncode == 2, out.stderr[-3000:]
-    line = out.stderr.strip().splitlines()[-1]
-    assert "step 4" in line and "model.encoder.1.ffn" in line and "last.ckpt" in line, line
-    assert "Traceback" not in out.stderr
+def poison(monkeypatch, layer: str, steps: set[int]):
+    from faulty_train import poisoned
+
+    from adamoe.module import MoEModule
+
+    monkeypatch.setattr(MoEModule, "training_step", poisoned(MoEModule.training_step, layer, steps))
+
+
+def fit_in_process(*args, tmp_path, capsys) -> tuple[int, str]:
+    from adamoe.cli import entry
+
+    code = entry(["fit", "--config", str(tiny_config(tmp_path)), *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def assert_finite_checkpoint_at(tmp_path, step: int):
     ckpt = torch.load(tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 3
+    assert ckpt["global_step"] == step
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
 
 
-def test_nan_steps_skipped_counted_then_stopped(tmp_path):
-    cfg = tiny_config(tmp_path)
-    common = ["fit", "--config", cfg, "--nonfinite.action", "skip", "--nonfinite.max_consecutive", 2]
-    out = run(*common, cwd=tmp_path, POISON="model.decoder.1.ffn:2,4")
-    assert out.returncode == 0, out.stderr[-3000:]
-    tags = scalars(tmp_path / "logs" / "tiny" / "version_0")
-    assert tags["train/skipped_steps"][-1][1] == 2
-    ckpt = torch.load(tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 6 and all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+def test_nan_stops_with_the_step_layer_and_last_checkpoint(tmp_path, monkeypatch, capsys):
+    poison(monkeypatch, "model.encoder.1.ffn", {4})
+    code, err = fit_in_process("--trainer.max_steps", 8, tmp_path=tmp_path, capsys=capsys)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "step 4" in line and "model.encoder.1.ffn" in line and "last.ckpt" in line, err[-3000:]
+    assert "Traceback" not in err
+    assert_finite_checkpoint_at(tmp_path, 3)
 
-    out = run(*common, cwd=tmp_path, POISON="model.decoder.1.ffn:1,2,3")
-    assert out.returncode == 2 and "(3 in a row)" in out.stderr, out.stderr[-3000:]
+
+def test_nan_on_one_ddp_rank_stops_both_with_that_rank_named(tmp_path):
+    args = ddp("fit", "--config", tiny_config(tmp_path), "--trainer.max_steps", 8)
+    out = run(*args, cwd=tmp_path, POISON="model.encoder.1.ffn:4", FAULT_RANK="1")
+    assert out.returncode == 2, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert "step 4" in line and "on rank 1" in line and "model.encoder.1.ffn" in line and "last.ckpt" in line, line
+    assert "Traceback" not in out.stderr
+    assert_finite_checkpoint_at(tmp_path, 3)
+
+
+def test_nan_steps_skipped_counted_then_stopped(tmp_path, monkeypatch, capsys):
+    common = ["--nonfinite.action", "skip", "--nonfinite.max_consecutive", 2]
+    poison(monkeypatch, "model.decoder.1.ffn", {2, 4})
+    code, err = fit_in_process(*common, tmp_path=tmp_path, capsys=capsys)
+    assert code == 0, err[-3000:]
+    assert scalars(tmp_path / "logs" / "tiny" / "version_0")["train/skipped_steps"][-1][1] == 2
+    assert_finite_checkpoint_at(tmp_path, 6)
+
+    poison(monkeypatch, "model.decoder.1.ffn", {1, 2, 3})
+    code, err = fit_in_process(*common, tmp_path=tmp_path, capsys=capsys)
+    assert code == 2 and "(3 in a row)" in err and "model.decoder.1.ffn" in err, err[-3000:]
 
 
 def test_skipped_step_leaves_weights_and_optimizer_state_alone():
