@@ -77,9 +77,14 @@ def _other(n: int) -> int:
     return t.item() - n
 
 
-@pytest.mark.parametrize("gate_name", GATES)
-def test_expert_parallel_layer_matches_one_process(gate_name):
-    spawn(_layer_case, gate_name)
+def _every_gate(rank, case):
+    for gate_name in GATES:
+        case(rank, gate_name)
+
+
+# One pair of processes runs every gate: starting processes costs more than the cases.
+def test_expert_parallel_layer_matches_one_process_for_every_gate():
+    spawn(_every_gate, _layer_case)
 
 
 def _model_case(rank, gate_name):
@@ -107,15 +112,11 @@ def _model_case(rank, gate_name):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("gate_name", GATES)
-def test_expert_parallel_model_matches_one_process(gate_name):
-    spawn(_model_case, gate_name)
-
-
-def _bad_split(rank):
-    with pytest.raises(ValueError, match="divisible"):
+def _model_cases_then_bad_split(rank):
+    _every_gate(rank, _model_case)
+    with pytest.raises(ValueError, match="num_experts \\(3\\) divisible by the 2 ranks"):
         MoELayer(8, 16, 3, Top2Gate(8, 3)).shard()
 
 
-def test_experts_must_divide_over_ranks():
-    spawn(_bad_split)
+def test_expert_parallel_model_matches_one_process_for_every_gate_and_experts_must_divide_over_ranks():
+    spawn(_model_cases_then_bad_split)
