@@ -4,6 +4,7 @@ import errno
 import os
 import re
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,6 +29,11 @@ from adamoe.data import TextData
 from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError
 from adamoe.module import MoEModule
 from adamoe.moe import MoELayer
+
+# Said once per epoch by Lightning itself, about its own code.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# The data module's batch sampler resumes mid-epoch from its own state: the warning does not apply.
+warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
 
 
 class OneLineErrors(LightningArgumentParser):

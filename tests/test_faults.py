@@ -221,12 +221,13 @@ def test_cache_keys_keep_tasks_with_equal_sources_apart(tmp_path):
 
 @pytest.mark.slow
 def test_kill_at_random_moments_then_resume(tmp_path):
-    """At least 20 SIGKILLs at random moments of a longer run, each followed by a resume;
-    training finishes and no step is lost beyond the last checkpoint."""
+    """20 SIGKILLs at random moments of one long run (start-up, data preparation, steps,
+    validation and checkpoint writes alike), each followed by a resume; then the run
+    finishes. With last.ckpt written after every step, a kill loses at most the step in
+    flight."""
     cfg = resumable_config(tmp_path)
-    with open(cfg) as f:
-        c = yaml.safe_load(f)
-    c["trainer"]["max_steps"] = 60
+    c = yaml.safe_load(cfg.read_text())
+    c["trainer"]["max_steps"] = 10_000
     cfg.write_text(yaml.safe_dump(c))
     ckpts, rng, kills = tmp_path / "logs" / "tiny" / "checkpoints", random.Random(0), []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -234,15 +235,13 @@ def test_kill_at_random_moments_then_resume(tmp_path):
         before = last_step(ckpts)
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(cfg), "--ckpt_path", "last"], cwd=tmp_path, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        delay = rng.uniform(1.0, 25.0)
-        try:
-            proc.wait(timeout=delay)
-            break  # finished before the kill
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        kills.append((delay, before, last_step(ckpts)))
-    out = train("fit", "--config", cfg, "--ckpt_path", "last", cwd=tmp_path)
-    assert last_step(ckpts) == 60, out.stderr[-2000:]
-    assert len(kills) >= 20
-    print("kills (delay s, step before, step after):", kills)
+        delay = rng.uniform(2.0, 15.0)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        kills.append((round(delay, 1), before, last_step(ckpts)))  # the checkpoint loads (weights_only) every time
+    end = (last_step(ckpts) or 0) + 5
+    train("fit", "--config", cfg, "--ckpt_path", "last", "--trainer.max_steps", end, cwd=tmp_path)
+    assert last_step(ckpts) == end
+    assert all((after or 0) >= (before or 0) for _, before, after in kills)  # never back to an older state
+    print("\nkills (seconds after start, checkpoint step before, after):", kills)

@@ -132,7 +132,7 @@ class ExpertStats(Callback):
         share = (load / load.sum(1, keepdim=True).clamp_min(1)).numpy()
         fig, ax = plt.subplots(figsize=(max(5, 1.5 + 0.4 * load.shape[1]), max(3, 1 + 0.4 * len(names))), layout="constrained")
         im = ax.imshow(share, cmap="viridis", aspect="auto")
-        ax.set(yticks=range(len(names)), yticklabels=names, xlabel="expert", title="share of assignments per expert")
+        ax.set(xticks=range(load.shape[1]), yticks=range(len(names)), yticklabels=names, xlabel="expert", title="share of assignments per expert")
         fig.colorbar(im, ax=ax)
         experiment.add_figure("experts/load_heatmap", fig, trainer.global_step)
         two = (counts[:, TWO_EXPERT] / counts[:, TOKENS].clamp_min(1)).cpu().numpy()
