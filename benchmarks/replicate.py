@@ -62,7 +62,10 @@ RUNS = {
 QUICK_RUNS = ("top2", "adaptive", "top1")
 
 # The paper's translation row (WMT19 De->En) and its ablations, for comparison.
-HEAD = "| scheme | steps to target | vs top-2 (steps) | MFLOPs/token | two-expert tokens | test BLEU | paper time | paper BLEU |\n" + "|---" * 8 + "|"
+HEAD = (
+    "| scheme | steps to target | vs top-2 (steps) | step time vs top-2 | normalized time to target | MFLOPs/token | two-expert tokens "
+    "| test BLEU | paper time | paper BLEU |\n" + "|---" * 10 + "|"
+)
 PAPER_TABLE3 = {"dense": ("0.87x", "40.9"), "top2": ("1x", "41.1"), "top1": ("1.04x", "39.5"), "adaptive": ("0.79x", "41.1")}
 
 
@@ -177,27 +180,41 @@ def report(runs: dict[str, list[dict]], args) -> str:
         "FFN 512, 3+3 layers, every FFN an MoE layer of 16 experts (dense: FFN 512 everywhere). "
         f"Every run trains {args.steps} steps. The target is top-2's mean val/loss at step {args.budget}: "
         f"**{'n/a' if target is None else f'{target:.3f}'}**. Steps to target are interpolated between validations (every 50 steps). "
-        "Values are the mean and [min-max] over seeds. Wall-clock time is not compared here: the runs shared a busy machine "
-        "over many hours, see the step-time measurement for time.",
+        "Values are the mean and [min-max] over seeds. Step time is measured side by side in one process by "
+        "`benchmarks/step_time.py` (median over repeats, each scheme's own trained routing), and normalized time to target "
+        "is (steps ratio) x (step-time ratio). Wall-clock times of the runs are listed below but not compared: the runs "
+        "shared a busy machine over many hours.",
         "",
         "## Table 3: schemes",
         "",
         HEAD,
     ]
 
+    step_file = args.out / "step_time.json"
+    step_time = json.loads(step_file.read_text())["schemes"] if step_file.exists() else {}
+
     def row(name, label, paper=("", "")):
         rs = runs[name]
         steps = [steps_to(r["curve"], target) if target is not None else None for r in rs]
         reached = [s for s in steps if s is not None]
-        ratio = spread([s / base for s in reached]) if base and reached else "n/a"
+        ratios = [s / base for s in reached] if base else []
         missed = f", {len(steps) - len(reached)} not reached" if len(reached) < len(steps) else ""
         flops = spread([r["flops_per_token"] / 1e6 if r["flops_per_token"] else None for r in rs], ".1f")
         share = spread([100 * r["two_expert_share"] if r["two_expert_share"] is not None else None for r in rs], ".1f")
-        return f"| {label} | {spread(reached, '.0f')}{missed} | {ratio} | {flops} | {share} | {spread([r['test_bleu'] for r in rs])} | {paper[0]} | {paper[1]} |"
+        st = step_time.get(name)
+        step_ratio = f"{st['vs_top2']:.3f} (FLOPs {st['flops_vs_top2']:.3f})" if st else "not measured"
+        normalized = spread([x * st["vs_top2"] for x in ratios]) if st and ratios else "n/a"
+        return (
+            f"| {label} | {spread(reached, '.0f')}{missed} | {spread(ratios)} | {step_ratio} | {normalized} | {flops} | {share} | "
+            f"{spread([r['test_bleu'] for r in rs])} | {paper[0]} | {paper[1]} |"
+        )
 
     for name, label in (("dense", "dense"), ("top2", "top-2"), ("top1", "top-1"), ("adaptive", "adaptive T=0.1")):
         if name in runs:
             out.append(row(name, label, PAPER_TABLE3[name]))
+    if step_time:
+        shares = ", ".join(f"{n} {v['expert_flop_share']:.1%}" for n, v in step_time.items())
+        out.append(f"\nShare of a training step's FLOPs (forward, backward, optimizer) spent in the experts: {shares}.")
     sweep = [(n, t) for n, t in (("adaptive-T0.05", 0.05), ("adaptive", 0.1), ("adaptive-T0.2", 0.2), ("adaptive-T0.3", 0.3), ("adaptive-T0.4", 0.4)) if n in runs]
     if len(sweep) > 1:
         out += ["", "## Table 5: threshold", "", HEAD]

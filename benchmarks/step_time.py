@@ -1,0 +1,125 @@
+"""Training-step time of the replication's schemes, side by side in one process.
+
+    python benchmarks/step_time.py --data ../shared/data/multi30k [--runs benchmarks/replication/runs]
+
+Each run summary names its checkpoint: the weights the run trained, so each scheme routes
+as it really did at the end of its run. Every scheme then takes full training steps
+(forward, backward, AdamW) on the same recorded Multi30k batches, the schemes interleaved
+batch by batch, so that the machine's drift hits them all alike. Steps change the weights,
+so each scheme restarts from its checkpoint before every repeat. Writes
+`<runs>/../step_time.json`: per scheme, the median over repeats of the summed step time,
+the ratio to top-2, and the share of a step's FLOPs spent in the experts (counted by torch's
+FlopCounterMode), which `replicate.py --report-only` reads.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from replicate import cpu_model
+from torch.utils.flop_counter import FlopCounterMode
+
+from adamoe.data import ParallelText, TranslationData
+from adamoe.module import TranslationModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recorded_batches(data: Path, summary: dict, n: int) -> list[dict]:
+    """The first `n` training batches in length-bucketed order, as every run batches them."""
+    cfg = summary["data"]
+    dm = TranslationData(
+        ParallelText(str(data), "de", "en", test="test_2016_flickr"), vocab_size=cfg["vocab_size"], max_tokens=cfg["max_tokens"],
+        max_source_len=cfg["max_source_len"], max_target_len=cfg["max_target_len"], cache_dir=str(ROOT / cfg["cache_dir"]),
+    )  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    return [batch for batch, _ in zip(loader, range(n))]
+
+
+def load(checkpoint: str):
+    module = TranslationModule.load_from_checkpoint(checkpoint, map_location="cpu").train()
+    optimizer = module.optimizer(module.parameters())  # as configured for the run
+    optimizer.load_state_dict(torch.load(checkpoint, weights_only=True, map_location="cpu")["optimizer_states"][0])
+    return module, optimizer
+
+
+def train_step(module, optimizer, batch):
+    loss, _, routings = module.step(batch)
+    (loss + sum(r.aux_loss for r in routings)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def expert_flop_share(module, optimizer, batch) -> tuple[float, float]:
+    """Total FLOPs of one training step, and the share of them inside the MoE experts."""
+    with FlopCounterMode(display=False) as counter:
+        train_step(module, optimizer, batch)
+    per_module = counter.get_flop_counts()
+    experts = sum(sum(c.values()) for name, c in per_module.items() if name.endswith(".experts"))
+    total = counter.get_total_flops()
+    return float(total), experts / max(total, 1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k")
+    ap.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "replication" / "runs")
+    ap.add_argument("--seed", type=int, default=0, help="which seed's checkpoint stands for each scheme")
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    summaries = {}
+    for path in sorted(args.runs.glob(f"*-s{args.seed}.json")):
+        s = json.loads(path.read_text())
+        if Path(s["checkpoint"]).exists():
+            summaries[s["name"]] = s
+    if "top2" not in summaries:
+        ap.error(f"no top2 run with a checkpoint in {args.runs} (seed {args.seed})")
+    torch.manual_seed(0)
+    batches = recorded_batches(args.data, summaries["top2"], args.batches)
+    flops = {}
+    for name, s in summaries.items():
+        flops[name] = expert_flop_share(*load(s["checkpoint"]), batches[0])
+    times = {name: [] for name in summaries}
+    for _ in range(args.repeats):
+        states = {name: load(s["checkpoint"]) for name, s in summaries.items()}
+        spent = dict.fromkeys(summaries, 0.0)
+        for batch in batches:
+            for name, (module, optimizer) in states.items():
+                start = time.perf_counter()
+                train_step(module, optimizer, batch)
+                spent[name] += time.perf_counter() - start
+        for name in summaries:
+            times[name].append(spent[name] / len(batches))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "machine": {"cpu": cpu_model(), "node": platform.node(), "threads": torch.get_num_threads()},
+        "batches": args.batches,
+        "repeats": args.repeats,
+        "schemes": {
+            name: {
+                "step_s": median[name],
+                "step_s_all": times[name],
+                "vs_top2": median[name] / median["top2"],
+                "flops_per_step": flops[name][0],
+                "flops_vs_top2": flops[name][0] / flops["top2"][0],
+                "expert_flop_share": flops[name][1],
+            }
+            for name in summaries
+        },
+    }
+    out = args.runs.parent / "step_time.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{'scheme':<26}{'median s/step':>14}{'vs top-2':>10}{'FLOPs vs top-2':>16}{'expert FLOP share':>19}")
+    for name, r in result["schemes"].items():
+        print(f"{name:<26}{r['step_s']:>14.3f}{r['vs_top2']:>10.3f}{r['flops_vs_top2']:>16.3f}{r['expert_flop_share']:>19.1%}")
+
+
+if __name__ == "__main__":
+    main()
