@@ -13,6 +13,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from adamoe.callbacks import (
     AtomicCheckpointIO,
@@ -186,7 +187,21 @@ def _lost_peer(e: BaseException) -> bool:
 
 
 def _is_users(e: BaseException) -> bool:
-    return isinstance(e, (ConfigError, DataError, CheckpointError, TrainingError)) or (isinstance(e, OSError) and e.errno in WRITE_ERRNOS)
+    return (
+        isinstance(e, (ConfigError, DataError, CheckpointError, TrainingError, MisconfigurationException))
+        or (isinstance(e, OSError) and e.errno in WRITE_ERRNOS)
+        or _lightning_setting(e)
+    )
+
+
+def _lightning_setting(e: BaseException) -> bool:
+    """Lightning checks some trainer settings against the data only once fit runs (e.g.
+    `val_check_interval` above the number of batches) and raises a plain ValueError."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return isinstance(e, ValueError) and f"lightning{os.sep}pytorch{os.sep}loops" in where
 
 
 def _fail(exception, line: str) -> int:

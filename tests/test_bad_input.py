@@ -95,6 +95,7 @@ CASES = {
     ),
     "checkpoint of another task": (lambda t, c: ["validate", *classification(t)[1:], "--ckpt_path", str(c)], "saved by adamoe.TranslationModule"),
     "checkpoint file cut short": (lambda t, c: ["validate", "--config", str(tiny_config(t)), "--ckpt_path", truncated(t, c)], "not a readable checkpoint"),
+    "validation interval above an epoch's batches": (lambda t, c: fit(t, "--trainer.val_check_interval", 30, "--trainer.max_steps", 40), "`val_check_interval` (30)"),
     "log folder is a file": (lambda t, c: fit(t, "--trainer.logger.init_args.save_dir", t / "tiny.yaml" / "logs"), "is not writable: Not a directory"),
 }
 

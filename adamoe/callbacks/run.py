@@ -10,6 +10,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from adamoe.errors import ConfigError
 
@@ -128,3 +129,9 @@ class MetricsSummary(Callback):
             return
         summary = {"final": self.last, "best": self.best, "wall_time_s": time.perf_counter() - self.start, "global_step": trainer.global_step}
         update_metrics_json(log_dir, summary)
+        ckpt = trainer.checkpoint_callback
+        where = [f"Run logs:    {log_dir}  (metrics.json, config.yaml, TensorBoard events)"]
+        if ckpt is not None and ckpt.dirpath:
+            where.append(f"Checkpoints: {ckpt.dirpath}")
+        where.append(f"Watch it:    tensorboard --logdir {Path(log_dir).parent}")
+        rank_zero_info("\n".join(where))
