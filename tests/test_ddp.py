@@ -122,7 +122,7 @@ def test_curriculum_under_ddp_keeps_one_full_table(tmp_path):
     counted = table["epoch_tokens_NL"] + table.get("tokens_NL", 0) * (table["epoch_tokens_NL"].sum() == 0)
     assert torch.equal(counted[:, 0], src_len)
     logged = scalars(tmp_path / "logs" / "tiny" / "version_0")
-    for tag in ("curriculum/spearman", "curriculum/within_batch_std", "curriculum/within_batch_std_random", "curriculum/ep_cost", "val/loss"):
+    for tag in ("curriculum/spearman", "curriculum/within_batch_std", "curriculum/within_batch_std_random", "curriculum/ep_cost", "curriculum/ep_assignments", "val/loss"):
         assert len(logged[tag]) == 2  # validation at the end of each epoch, however many batches the order made
     # The expert-parallel cost, recomputed from the per-step load histograms (summed over
     # ranks): with 4 experts over 8 modeled GPUs each group is one expert, so a step and
@@ -131,13 +131,15 @@ def test_curriculum_under_ddp_keeps_one_full_table(tmp_path):
 
     ea = EventAccumulator(str(tmp_path / "logs" / "tiny" / "version_0"), size_guidance={"histograms": 0})
     ea.Reload()
-    max_load = Counter()
+    max_load, all_load = Counter(), Counter()
     for name in ("enc.1", "dec.1"):
         for h in ea.Histograms(f"experts/{name}/tokens_per_expert"):
             max_load[h.step] += h.histogram_value.max
+            all_load[h.step] += h.histogram_value.sum
     start = 0
-    for end, cost in logged["curriculum/ep_cost"]:
+    for (end, cost), (_, assignments) in zip(logged["curriculum/ep_cost"], logged["curriculum/ep_assignments"]):
         assert cost == sum(v for step, v in max_load.items() if start < step <= end)
+        assert assignments == sum(v for step, v in all_load.items() if start < step <= end)
         start = end
 
 

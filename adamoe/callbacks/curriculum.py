@@ -21,7 +21,8 @@ class Curriculum(Callback):
     - `curriculum/ep_cost`: simulated expert-parallel cost, the sum over steps and MoE
       layers of the most assignments any one of `ep_ranks` groups of E/ep_ranks experts
       received (all ranks' tokens together): the wait for the slowest GPU when experts
-      are spread over `ep_ranks` GPUs.
+      are spread over `ep_ranks` GPUs; `curriculum/ep_assignments`, the same sum of all
+      assignments.
     """
 
     def __init__(self, ep_ranks: int = 8):
@@ -78,6 +79,8 @@ class Curriculum(Callback):
             groups = min(self.ep_ranks, E)
             if E % groups == 0:
                 metrics["curriculum/ep_cost"] = float(loads_SLE.view(*loads_SLE.shape[:2], groups, -1).sum(-1).amax(-1).sum())
+                # With this, groups x ep_cost / ep_assignments is the imbalance factor (1 = even).
+                metrics["curriculum/ep_assignments"] = float(loads_SLE.sum())
         if summed is not None:
             two, tokens = summed
             share_N = two.sum(1) / tokens.sum(1).clamp_min(1)
