@@ -83,7 +83,9 @@ class AdamoeCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser, args):
-        self._command_line = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
+        # Kept to tell which `--model.*` the user typed (see `_parse_ckpt_path`); a dict or
+        # Namespace of arguments types nothing.
+        self._command_line = [str(a) for a in (sys.argv[1:] if args is None else args)] if args is None or isinstance(args, (list, tuple)) else []
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self):

@@ -78,8 +78,9 @@ class NonFiniteGuard(Callback):
 
 
 def diagnose(pl_module, batch) -> str:
-    """Re-runs the batch's forward pass to find the first module whose output, or the loss
-    term, that is not finite."""
+    """What went non-finite: the first module, in the order the forward pass runs them,
+    whose output is not finite (found by running the batch again with hooks), else the
+    aux or task loss, else a gradient."""
     first = []
 
     def hook(module, args, output):
@@ -137,7 +138,7 @@ class RandomState(Callback):
             return
         row = state["per_rank"][trainer.global_rank]
         n_torch = torch.get_rng_state().numel()
-        n_py = 625 * 8
+        n_py = 625 * 8  # Mersenne Twister: 624 words and a position, saved as int64 bytes
         torch.set_rng_state(row[:n_torch].clone())
         random.setstate((state["python_version"], tuple(row[n_torch : n_torch + n_py].view(torch.int64).tolist()), None))
         if row.numel() > n_torch + n_py:
