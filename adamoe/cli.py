@@ -73,6 +73,8 @@ class AdamoeCLI(LightningCLI):
         parser.link_arguments("data.init_args.num_classes", "model.init_args.num_classes")
 
     def instantiate_trainer(self, **kwargs):
+        # A resumed run writes its config over the one it resumes in the same log folder.
+        self.save_config_kwargs["overwrite"] = self.subcommand == "fit" and bool(self.config_init["fit"].get("ckpt_path"))
         trainer = super().instantiate_trainer(**kwargs)
         strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a configured one is kept
@@ -130,6 +132,12 @@ class AdamoeCLI(LightningCLI):
                 probe.unlink()
             except OSError as e:
                 raise ConfigError(f"log folder {folder} is not writable: {e.strerror}") from None
+            saved = Path(self.trainer.log_dir or "") / "config.yaml"
+            if self.subcommand == "fit" and not ckpt and saved.exists():
+                raise ConfigError(
+                    f"{saved.parent} already holds a run: resume it with --ckpt_path {saved.parent.parent / 'checkpoints' / 'last.ckpt'}, "
+                    "or choose another --trainer.logger.init_args.version"
+                )
 
     before_fit = before_validate = before_test = before_predict = _check_run
 

@@ -70,16 +70,25 @@ def test_val_bleu_is_sacrebleu_of_the_decoded_hypotheses(fitted, tmp_path, monke
 
 
 
-def test_resume_from_last_continues_the_step(fitted, tmp_path):
+def test_resume_from_last_continues_the_step_in_the_same_folder(fitted, tmp_path, capsys):
     # In a folder of its own: the shared run's last.ckpt and versions stay as they were.
+    from adamoe.cli import entry
+
     src, cfg = fitted
     ckpts = tmp_path / "logs" / "tiny" / "checkpoints"
     ckpts.mkdir(parents=True)
     shutil.copy(src / "logs" / "tiny" / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
-    train("fit", "--config", cfg, "--ckpt_path", "last", "--trainer.max_steps", 9, "--trainer.logger.init_args.save_dir", tmp_path / "logs", cwd=tmp_path)
-    resumed = tmp_path / "logs" / "tiny" / "version_0"
+    resumed = tmp_path / "logs" / "tiny" / "run"
+    resumed.mkdir()
+    (resumed / "config.yaml").write_text("written by the run that was stopped\n")
+    same = ("--config", cfg, "--trainer.max_steps", 9, "--trainer.logger.init_args.save_dir", tmp_path / "logs", "--trainer.logger.init_args.version", "run")
+    # Starting afresh over a run's folder would mix two runs' logs: refused, with the way to resume.
+    assert entry([str(a) for a in ("fit", *same)]) == 2
+    assert f"already holds a run: resume it with --ckpt_path {ckpts / 'last.ckpt'}" in capsys.readouterr().err
+    train("fit", *same, "--ckpt_path", "last", cwd=tmp_path)
     assert json.loads((resumed / "metrics.json").read_text())["global_step"] == 9
     assert min(step for step, _ in scalars(resumed)["train/loss"]) >= 6
+    assert "ckpt_path: last" in (resumed / "config.yaml").read_text()
 
 
 @pytest.fixture(autouse=True)
