@@ -18,6 +18,7 @@ from torchmetrics.text import SacreBLEUScore
 
 from adamoe.errors import CheckpointError, ConfigError
 from adamoe.gates import Top2Gate
+from adamoe.ops import cross_entropy
 from adamoe.transformer import GateFactory, Transformer
 
 
@@ -247,10 +248,8 @@ class TranslationModule(MoEModule):
     def _losses(self, batch):
         logits, routings = self(batch)
         target = batch["tgt_out"]
-        logits_NV, target_N = logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)
         pad = self.hparams.pad_id
-        smoothed = F.cross_entropy(logits_NV, target_N, ignore_index=pad, label_smoothing=self.hparams.label_smoothing)
-        nll = F.cross_entropy(logits_NV, target_N, ignore_index=pad)
+        smoothed, nll = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), pad, self.hparams.label_smoothing)
         return smoothed, nll, int(target.ne(pad).sum()), routings
 
     def step(self, batch):
@@ -384,7 +383,7 @@ class LanguageModelModule(MoEModule):
 
     def _nll(self, batch):
         logits, routings = self(batch)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["tgt_out"].reshape(-1), ignore_index=self.hparams.pad_id)
+        _, nll = cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["tgt_out"].reshape(-1), self.hparams.pad_id)
         return nll, int((~batch["tgt_pad"]).sum()), routings
 
     def step(self, batch):

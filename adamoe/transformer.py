@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from adamoe.errors import ConfigError
 from adamoe.gates import Gate, Routing, Top2Gate
 from adamoe.moe import ACTIVATIONS, MoELayer
+from adamoe.ops import Dropout, attention
 
 GateFactory = Callable[[int, int], Gate]
 
@@ -44,7 +45,7 @@ class Attention(nn.Module):
         B, S, D = x_BSD.shape
         q_BHSd = self.q_proj(x_BSD).view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2)
         p = self.dropout if self.training else 0.0
-        o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        o_BHSd = attention(q_BHSd, k_BHSd, v_BHSd, mask, p, is_causal)
         return self.out_proj(o_BHSd.transpose(1, 2).reshape(B, S, D))
 
 
@@ -72,7 +73,7 @@ class Block(nn.Module):
         self.cross_attn = Attention(d_model, n_heads, dropout) if cross else None
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = ffn
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x_BSD, padding_mask_BS, self_mask=None, causal=False, cache=None, memory=None, memory_mask=None):
         h = self.self_norm(x_BSD)
@@ -148,7 +149,7 @@ class Transformer(nn.Module):
         self.decoder = nn.ModuleList(Block(d_model, n_heads, ffn("dec", i), dropout, cross=cross) for i in range(num_decoder_layers))
         self.encoder_norm = nn.LayerNorm(d_model)
         self.decoder_norm = nn.LayerNorm(d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.output = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.output.weight = self.embed.weight

@@ -1,0 +1,107 @@
+"""Ops the model uses in place of PyTorch's where PyTorch's are slow on CPU.
+
+`benchmarks/throughput.py --profile` shows what each replaces: on CPU, torch's dropout
+draws one Mersenne-Twister number per element (about a sixth of a Multi30k training
+step), its flash-attention backward in bf16 runs slower than the three ops below, and
+two cross-entropies over the vocabulary (label-smoothed and plain) cost four passes
+over the logits forward and more backward. On CUDA the first two fall back to PyTorch.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# splitmix64's increment and multipliers, as signed int64.
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+
+
+def _random_int16(n: int, device) -> Tensor:
+    """n uniform int16 values from a counter hash (splitmix64) at an offset drawn from
+    torch's generator, so `seed_everything` and checkpointed generator states hold.
+    Each 64-bit hash gives four values: a handful of vectorized integer ops in all."""
+    offset = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+    z = (torch.arange((n + 3) // 4, dtype=torch.int64, device=device) + offset) * _GOLDEN
+    # `>>` on int64 keeps the sign; the masks make the shifts logical.
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX1
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX2
+    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    return z.view(torch.int16)[:n]
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Inverted dropout; keeps each element with probability 1 - p (to 1/65536)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    keep = _random_int16(x.numel(), x.device).view(x.shape) >= round(-32768 + 65536 * p)
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def attention(q_BHSd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, mask=None, dropout_p: float = 0.0, is_causal: bool = False) -> Tensor:
+    """Scaled dot-product attention. `mask` is boolean, True where a query may attend."""
+    slow_backward = q_BHSd.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+    if q_BHSd.device.type != "cpu" or (dropout_p == 0.0 and not slow_backward):
+        return F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    return math_attention(q_BHSd, k_BHSd, v_BHSd, mask, dropout_p, is_causal)
+
+
+def math_attention(q_BHSd, k_BHSd, v_BHSd, mask=None, dropout_p: float = 0.0, is_causal: bool = False) -> Tensor:
+    """Attention as three ops; the softmax in fp32."""
+    s_BHSS = (q_BHSd * (1.0 / math.sqrt(q_BHSd.shape[-1]))) @ k_BHSd.transpose(-1, -2)
+    if is_causal:
+        mask = torch.ones(s_BHSS.shape[-2:], dtype=torch.bool, device=s_BHSS.device).tril()  # top-left, as SDPA aligns it
+    if mask is not None:
+        s_BHSS = s_BHSS.masked_fill(~mask, float("-inf"))
+    probs_BHSS = dropout(s_BHSS.float().softmax(-1), dropout_p).to(v_BHSd.dtype)
+    return probs_BHSS @ v_BHSd
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Label-smoothed and plain token cross-entropy from one log-softmax. Backward is one
+    pass over the logits: softmax minus the smoothed target distribution."""
+
+    @staticmethod
+    def forward(ctx, logits_NV, target_N, ignore_index, smoothing):
+        valid_N = target_N.ne(ignore_index)
+        count = valid_N.sum().clamp_min(1)
+        logp_NV = torch.log_softmax(logits_NV, -1, dtype=torch.float32)
+        nll_N = -logp_NV.gather(1, target_N.masked_fill(~valid_N, 0)[:, None]).squeeze(1)
+        uniform_N = -logp_NV.mean(-1)
+        nll = (nll_N * valid_N).sum() / count
+        smoothed = ((1 - smoothing) * nll_N + smoothing * uniform_N).mul(valid_N).sum() / count
+        ctx.save_for_backward(logp_NV, target_N, valid_N, count)
+        ctx.smoothing, ctx.dtype = smoothing, logits_NV.dtype
+        return smoothed, nll
+
+    @staticmethod
+    def backward(ctx, g_smoothed, g_nll):
+        logp_NV, target_N, valid_N, count = ctx.saved_tensors
+        s, V = ctx.smoothing, logp_NV.shape[1]
+        grad_NV = logp_NV.exp().mul_(g_smoothed + g_nll).sub_(s / V * g_smoothed)
+        rows = torch.arange(len(target_N), device=target_N.device)
+        grad_NV[rows, target_N.masked_fill(~valid_N, 0)] -= (1 - s) * g_smoothed + g_nll
+        grad_NV.mul_((valid_N / count)[:, None])
+        return grad_NV.to(ctx.dtype), None, None, None
+
+
+def cross_entropy(logits_NV: Tensor, target_N: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(label-smoothed loss, plain loss), each the mean over targets != ignore_index, as
+    `F.cross_entropy` computes them."""
+    return _CrossEntropy.apply(logits_NV, target_N, ignore_index, label_smoothing)
