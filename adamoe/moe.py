@@ -79,6 +79,10 @@ def _expert_slices(counts: list[int]):
 class Experts(nn.Module):
     """E two-layer FFNs, FFN_e(x) = act(x W0_e) W1_e (eq. 1), stored as stacked weights."""
 
+    # Rows each expert's group is padded to a multiple of, in bf16 and fp16 on CPU (see
+    # `_pad_groups`): 64 took a quarter off a Multi30k bf16 training step, for 2-3% more FLOPs.
+    row_bucket = 64
+
     def __init__(self, d_model: int, d_ff: int, num_experts: int, activation: Callable[[Tensor], Tensor] = F.relu):
         super().__init__()
         self.w0_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -105,7 +109,25 @@ class Experts(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
         with torch.autocast(device, enabled=False):
             w0, w1 = self.w0_EDF.to(dtype), self.w1_EFD.to(dtype)
+            if device == "cpu" and dtype in (torch.bfloat16, torch.float16) and self.row_bucket > 1:
+                token_N, weight_N, tokens_per_expert_E = _pad_groups(token_N, weight_N, tokens_per_expert_E, self.row_bucket)
             return _ExpertFFN.apply(x_TD, token_N, weight_N, w0, w1, tokens_per_expert_E, self.activation)
+
+
+def _pad_groups(token_N: Tensor, weight_N: Tensor, counts: list[int], bucket: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Pad each expert's group of assignments to a multiple of `bucket` rows with weight-0
+    assignments of token 0, which add nothing forward or backward. oneDNN compiles a bf16
+    matmul kernel for every new shape, which costs more than the matmul: with padded
+    groups the shapes repeat and the compiled kernels are reused."""
+    padded = [-(-n // bucket) * bucket for n in counts]
+    extra, shift = [p - n for p, n in zip(padded, counts)], []
+    for e in range(len(counts)):
+        shift.append(sum(extra[:e]))  # padding rows before expert e's group
+    device = token_N.device
+    pos_N = torch.arange(len(token_N), device=device) + torch.tensor(shift, device=device).repeat_interleave(torch.tensor(counts, device=device))
+    token_P = token_N.new_zeros(sum(padded)).index_copy(0, pos_N, token_N)
+    weight_P = weight_N.new_zeros(sum(padded)).index_copy(0, pos_N, weight_N)
+    return token_P, weight_P, padded
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}

@@ -149,3 +149,31 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision():
     assert layer.experts.w0_EDF.grad.dtype == torch.float32
     for a, b in zip([y16.float(), x16.grad, layer.experts.w0_EDF.grad], [y32, *g32]):
         assert ((a - b).norm() / b.norm()).item() < 0.02
+
+
+def test_padded_expert_groups_change_nothing():
+    """bf16 on CPU pads each expert's group to a multiple of `Experts.row_bucket` with
+    weight-0 rows: outputs and every gradient must be those of the unpadded groups."""
+    from adamoe.moe import _ExpertFFN, _pad_groups
+
+    token = torch.tensor([4, 0, 2, 1, 3, 0, 2, 4])
+    counts = [3, 0, 5]
+    weight = torch.rand(8, dtype=torch.float64)
+    token_P, weight_P, padded = _pad_groups(token, weight, counts, 4)
+    assert padded == [4, 0, 8]
+    assert token_P.tolist() == [4, 0, 2, 0, 1, 3, 0, 2, 4, 0, 0, 0]
+    assert weight_P[[3, 9, 10, 11]].abs().sum() == 0 and torch.equal(weight_P[[0, 1, 2, 4, 5, 6, 7, 8]], weight)
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    w0 = torch.randn(3, 6, 7, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    weight.requires_grad_()
+    g = torch.randn(5, 6, dtype=torch.float64)
+    outs = []
+    for bucket in (1, 4):
+        tok, wt, cnt = _pad_groups(token, weight, counts, bucket) if bucket > 1 else (token, weight, counts)
+        y = _ExpertFFN.apply(x, tok, wt, w0, w1, cnt, F.relu)
+        outs.append((y, *torch.autograd.grad((y * g).sum(), [x, weight, w0, w1])))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
