@@ -1,29 +1,52 @@
 """Training-step throughput of our model against Hugging Face transformers' MoE models.
 
 Same sizes for all: vocab 8000, d_model 256, FFN 1024, 8 experts, 4 encoder + 4 decoder
-layers, MoE every 2nd layer, 2048 source + 2048 target tokens per step, fp32, no dropout,
-capacity large enough to drop nothing. A step is forward, backward and AdamW.
+layers, MoE every 2nd layer, 2048 source + 2048 target tokens per step, no dropout,
+capacity large enough to drop nothing. A step is forward, backward and AdamW (fused, on
+both sides).
 - ours top-2 against NLLB-MoE (GShard-style top-2);
 - ours top-1 against Switch Transformers (top-1).
-Models run alternately in one process; medians are reported. MFU is the active FLOPs of
-our top-2 step (counted by torch's FlopCounterMode) per second, over the dense matmul
-rate of this machine measured in the same run.
+Models run alternately in one process; medians are reported. MFU is the FLOPs of our
+top-2 step (counted by torch's FlopCounterMode) per second, over the rate of a 2048^2
+matmul of the same precision, measured in the same run.
 
-    pip install -e ".[bench]"; python benchmarks/throughput.py [--repeats 7]
+`--precision bf16-mixed` runs the comparison under bf16 autocast, and also times our
+training step at the Multi30k size (`configs/multi30k.yaml` with adaptive gating, batches
+of 4,096 tokens, dropout 0.2) in fp32 and in bf16-mixed, interleaved, on the recorded
+batches of `--data` (Multi30k's folder) or on batches of Multi30k's shapes without it.
+`--profile` prints where our top-2 step spends its time.
+
+    pip install -e ".[bench]"; python benchmarks/throughput.py [--precision bf16-mixed] [--profile]
 """
 
 import argparse
+import functools
+import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from adamoe.gates import Top1Gate, Top2Gate
+from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
+from adamoe.ops import cross_entropy
 from adamoe.transformer import Transformer
 
 V, D, FF, E, LAYERS = 8000, 256, 1024, 8, 4
+DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
+# Where a step's self time goes, by the name of the ATen op.
+GROUPS = {
+    "matrix multiplies": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention kernels": ("flash_attention",),
+    "loss over the vocabulary": ("log_softmax", "_CrossEntropy"),
+    "optimizer": ("adam",),
+    "dropout": ("bernoulli", "aten::random_", "aten::arange"),
+    "zero fills": ("aten::fill_", "aten::zero_"),
+    "copies and casts": ("aten::copy_", "aten::_to_copy"),
+    "gather, scatter, sort": ("index", "scatter", "gather", "sort"),
+}
 
 
 def ours(gate):
@@ -32,8 +55,7 @@ def ours(gate):
     def step(src, tgt):
         tgt_in = F.pad(tgt, (1, 0), value=1)[:, :-1]
         logits, routings = model(src, tgt_in)
-        loss = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1)) + sum(r.aux_loss for r in routings)
-        return loss
+        return cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))[0] + sum(r.aux_loss for r in routings)
 
     return model, step
 
@@ -73,8 +95,8 @@ def hf_models(tokens: int):
     return (nllb, hf_step(nllb)), (switch, hf_step(switch))
 
 
-def matmul_rate(n=2048, repeats=5) -> float:
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+def matmul_rate(dtype, n=2048, repeats=5) -> float:
+    a, b, c = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype), torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=c)
     ts = []
     for _ in range(repeats):
@@ -84,51 +106,143 @@ def matmul_rate(n=2048, repeats=5) -> float:
     return 2 * n**3 / statistics.median(ts)
 
 
+def training_step(step, optimizer, dtype):
+    """Forward under autocast as Lightning's bf16-mixed runs it; backward and AdamW outside."""
+
+    def run(*batch):
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = step(*batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def print_profile(run, batch, steps=3):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run(*batch)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = dict.fromkeys([*GROUPS, "the rest"], 0.0)
+    for e in events:
+        group = next((g for g, keys in GROUPS.items() if any(k in e.key for k in keys)), "the rest")
+        shares[group] += e.self_cpu_time_total / total
+    print(f"\nwhere ours top-2 spends a training step ({steps} steps, self CPU time {total / 1e6 / steps:.3f} s per step)")
+    for group, share in sorted(shares.items(), key=lambda kv: -kv[1]):
+        print(f"{share:>6.1%}  {group}")
+    print("top ops:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"{e.self_cpu_time_total / total:>6.1%}  {e.key[:60]:<60} {e.count // steps:>5} calls/step")
+
+
+def compare_with_hf(args, dtype):
+    torch.manual_seed(0)
+    src = torch.randint(3, V, (args.batch, args.seq))
+    tgt = torch.randint(3, V, (args.batch, args.seq))
+    tokens = src.numel()
+    (nllb, nllb_step), (switch, switch_step) = hf_models(tokens)
+    models = {"ours top-2": ours(Top2Gate), "nllb-moe top-2": (nllb, nllb_step), "ours top-1": ours(Top1Gate), "switch top-1": (switch, switch_step)}
+    runs = {name: training_step(step, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True), dtype) for name, (m, step) in models.items()}
+    flops = {}
+    for name, run in runs.items():
+        with FlopCounterMode(display=False) as counter:
+            run(src, tgt)
+        flops[name] = counter.get_total_flops()
+    times = {name: [] for name in runs}
+    rates = []
+    for _ in range(args.warmup + args.repeats):
+        rates.append(matmul_rate(dtype))
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run(src, tgt)
+            times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(ts[args.warmup :]) for name, ts in times.items()}
+    peak = statistics.median(rates)
+
+    print(f"\ntraining step, {args.batch}x{args.seq} source + target tokens, {args.precision}, {args.repeats} repeats")
+    print(f"{'model':<16}{'params':>10}{'GFLOP/step':>12}{'median s':>10}{'tokens/s':>10}")
+    for name, (model, _) in models.items():
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{name:<16}{n / 1e6:>9.2f}M{flops[name] / 1e9:>12.1f}{med[name]:>10.3f}{2 * tokens / med[name]:>10.0f}")
+    print(f"dense matmul rate ({dtype}) {peak / 1e9:.1f} GFLOP/s")
+    if args.profile:
+        print_profile(runs["ours top-2"], (src, tgt))
+    mfu = flops["ours top-2"] / med["ours top-2"] / peak
+    return f"vs_nllb_top2={med['nllb-moe top-2'] / med['ours top-2']:.2f} vs_switch_top1={med['switch top-1'] / med['ours top-1']:.2f} mfu={mfu:.2f}"
+
+
+def multi30k_batches(data: str | None, n: int) -> list[dict]:
+    if data:
+        from adamoe.data import ParallelText, TranslationData
+
+        dm = TranslationData(ParallelText(data, "de", "en", test="test_2016_flickr"), vocab_size=V, max_tokens=4096, cache_dir="data")
+        dm.prepare_data()
+        dm.setup("fit")
+        return [batch for batch, _ in zip(dm.train_dataloader(), range(n))]
+    g = torch.Generator().manual_seed(0)
+    shapes = [(256, 16), (204, 20), (146, 28), (240, 17), (114, 35), (170, 24), (227, 18), (157, 26)]
+    out = []
+    for B, S in (shapes * n)[:n]:
+        src, tgt = torch.randint(3, V, (B, S), generator=g), torch.randint(3, V, (B, S + 1), generator=g)
+        out.append({"src": src, "src_pad": src.eq(0), "tgt_in": tgt[:, :-1], "tgt_out": tgt[:, 1:], "tgt_pad": tgt[:, :-1].eq(0)})
+    return out
+
+
+def multi30k_step(args) -> float:
+    """Median per-batch time ratio fp32 / bf16-mixed of our Multi30k training step."""
+    from adamoe.module import TranslationModule
+
+    batches = multi30k_batches(args.data, args.batches)
+    runs = {}
+    for name, dtype in DTYPES.items():
+        torch.manual_seed(0)
+        module = TranslationModule(
+            vocab_size=V, d_model=256, n_heads=4, d_ff=1024, num_encoder_layers=3, num_decoder_layers=3, num_experts=8,
+            moe_every=2, dropout=0.2, gate=functools.partial(AdaptiveGate, threshold=0.1),
+        ).train()  # fmt: skip
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
+        runs[name] = training_step(lambda b, m=module: (lambda loss, _, r: loss + sum(x.aux_loss for x in r))(*m.step(b)), optimizer, dtype)
+    times = {name: [] for name in runs}
+    for rep in range(2 + args.repeats):
+        for batch in batches:
+            for name, run in runs.items():
+                t = time.perf_counter()
+                run(batch)
+                if rep >= 2:  # the first passes meet each batch shape for the first time
+                    times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    ratio = statistics.median([a / b for a, b in zip(times["32-true"], times["bf16-mixed"])])
+    source = args.data or "batches of Multi30k's shapes"
+    print(f"\nMulti30k training step ({len(batches)} batches from {source}, {args.repeats} passes after 2 warm-up passes)")
+    for name in runs:
+        print(f"{name:<12} median {med[name]:.3f} s")
+    return ratio
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--precision", choices=list(DTYPES), default="32-true")
+    ap.add_argument("--profile", action="store_true", help="print where our top-2 step spends its time")
+    ap.add_argument("--data", help="Multi30k's folder, for the bf16-mixed Multi30k step")
+    ap.add_argument("--batches", type=int, default=8, help="Multi30k batches per pass")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    src = torch.randint(3, V, (args.batch, args.seq))
-    tgt = torch.randint(3, V, (args.batch, args.seq))
-    tokens = src.numel()
-    (nllb, nllb_step), (switch, switch_step) = hf_models(tokens)
-    runs = {"ours top-2": ours(Top2Gate), "nllb-moe top-2": (nllb, nllb_step), "ours top-1": ours(Top1Gate), "switch top-1": (switch, switch_step)}
-    optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in runs.items()}
-
-    def train_step(name):
-        model, step = runs[name]
-        optims[name].zero_grad(set_to_none=True)
-        step(src, tgt).backward()
-        optims[name].step()
-
-    flops = {}
-    for name in runs:
-        with FlopCounterMode(display=False) as counter:
-            train_step(name)
-        flops[name] = counter.get_total_flops()
-    times = {name: [] for name in runs}
-    rates = []
-    for i in range(args.warmup + args.repeats):
-        rates.append(matmul_rate())
-        for name in runs:
-            t = time.perf_counter()
-            train_step(name)
-            times[name].append(time.perf_counter() - t)
-    med = {name: statistics.median(ts[args.warmup :]) for name, ts in times.items()}
-    peak = statistics.median(rates)
-
-    print(f"training step, {args.batch}x{args.seq} source + target tokens, fp32, {torch.get_num_threads()} threads, {args.repeats} repeats")
-    print(f"{'model':<16}{'params':>10}{'GFLOP/step':>12}{'median s':>10}{'tokens/s':>10}")
-    for name, (model, _) in runs.items():
-        n = sum(p.numel() for p in model.parameters())
-        print(f"{name:<16}{n / 1e6:>9.2f}M{flops[name] / 1e9:>12.1f}{med[name]:>10.3f}{2 * tokens / med[name]:>10.0f}")
-    mfu = flops["ours top-2"] / med["ours top-2"] / peak
-    print(f"dense matmul rate {peak / 1e9:.1f} GFLOP/s")
-    print(f"vs_nllb_top2={med['nllb-moe top-2'] / med['ours top-2']:.2f} vs_switch_top1={med['switch top-1'] / med['ours top-1']:.2f} mfu={mfu:.2f}")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    flags = open("/proc/cpuinfo").read()
+    fast_bf16 = "amx_bf16" in flags or torch.cuda.is_available()
+    print(f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, AMX-BF16: {'yes' if 'amx_bf16' in flags else 'no'}")
+    dtype = DTYPES[args.precision]
+    summary = compare_with_hf(args, dtype)
+    if dtype == torch.bfloat16:
+        ratio = multi30k_step(args)
+        note = "" if fast_bf16 else " (this machine has no fast bf16: no AMX and no GPU)"
+        print(f"bf16_speedup={ratio:.2f}{note}")
+    print(summary)
 
 
 if __name__ == "__main__":
