@@ -24,7 +24,9 @@ class _ExpertFFN(torch.autograd.Function):
     - going expert by expert through forward and backward keeps each expert's tokens and
       hidden activations in cache, where whole-batch gathers, elementwise ops and
       scatters would stream them through memory. The pre-activation and the unweighted
-      outputs are saved; the activation is recomputed per expert.
+      outputs are saved; the activation is recomputed per expert. ReLU is applied in place
+      and its output saved instead: its gradient needs only the sign, and each expert in
+      backward then saves a pass over its hidden and a call into autograd.
     """
 
     @staticmethod
@@ -32,13 +34,14 @@ class _ExpertFFN(torch.autograd.Function):
         a_NF = x_TD.new_empty(token_N.shape[0], w0_EDF.shape[2], dtype=w0_EDF.dtype)
         y_ND = x_TD.new_empty(token_N.shape[0], w1_EFD.shape[2], dtype=w1_EFD.dtype)
         y_TD = torch.zeros_like(x_TD)
+        relu = activation is F.relu
         for e, s in _expert_slices(counts):
             x = x_TD.index_select(0, token_N[s]).to(w0_EDF.dtype)
             torch.mm(x, w0_EDF[e], out=a_NF[s])
-            torch.mm(activation(a_NF[s]), w1_EFD[e], out=y_ND[s])
+            torch.mm(a_NF[s].relu_() if relu else activation(a_NF[s]), w1_EFD[e], out=y_ND[s])
             y_TD.index_add_(0, token_N[s], (y_ND[s] * weight_N[s, None]).to(y_TD.dtype))
         ctx.save_for_backward(x_TD, token_N, weight_N, w0_EDF, w1_EFD, a_NF, y_ND)
-        ctx.counts, ctx.activation = counts, activation
+        ctx.counts, ctx.activation, ctx.relu = counts, activation, relu
         return y_TD
 
     @staticmethod
@@ -58,11 +61,15 @@ class _ExpertFFN(torch.autograd.Function):
             grad_weight[s] = (g * y_ND[s]).sum(1).to(grad_weight.dtype)
             # Scale the narrow [n, D] gradient by the weights, not the wide [n, F] hidden.
             g_w = g * weight_N[s, None].to(g.dtype)
-            with torch.enable_grad():
-                a = a_NF[s].detach().requires_grad_()
-                h = ctx.activation(a)
+            if ctx.relu:
+                h = a_NF[s]  # saved after the in-place ReLU
+                grad_a = torch.ops.aten.threshold_backward(g_w @ w1_EFD[e].t(), h, 0)
+            else:
+                with torch.enable_grad():
+                    a = a_NF[s].detach().requires_grad_()
+                    h = ctx.activation(a)
+                (grad_a,) = torch.autograd.grad(h, a, g_w @ w1_EFD[e].t())
             torch.mm(h.detach().t(), g_w, out=grad_w1[e])
-            (grad_a,) = torch.autograd.grad(h, a, g_w @ w1_EFD[e].t())
             torch.mm(x_TD.index_select(0, tokens).to(w0_EDF.dtype).t(), grad_a, out=grad_w0[e])
             grad_x.index_add_(0, tokens, (grad_a @ w0_EDF[e].t()).to(grad_x.dtype))
         return grad_x, None, grad_weight, grad_w0, grad_w1, None, None

@@ -20,7 +20,7 @@ def naive_moe(layer, x_TD, pad_T, rule):
         p = torch.softmax(x_TD[t] @ w_g.t(), -1)
         y = torch.zeros_like(x_TD[t])
         for e, w in rule(p):
-            y = y + w * (F.relu(x_TD[t] @ w0[e]) @ w1[e])
+            y = y + w * (layer.experts.activation(x_TD[t] @ w0[e]) @ w1[e])
         out.append(y)
     return torch.stack(out)
 
@@ -38,11 +38,13 @@ def rule_for(gate):
     return lambda p: top2(p) if (lambda v: (v[0] - v[1]) / v.sum())(p.topk(2).values) <= gate.threshold else top2(p)[:1]
 
 
-@pytest.mark.parametrize("make_gate", GATES, ids=["top1", "top2", "adaptive"])
-def test_matches_naive_loop_with_padding_and_empty_experts(make_gate):
+@pytest.mark.parametrize(
+    ("make_gate", "activation"), [*((g, "relu") for g in GATES), (Top2Gate, "gelu")], ids=["top1", "top2", "adaptive", "top2-gelu"]
+)
+def test_matches_naive_loop_with_padding_and_empty_experts(make_gate, activation):
     torch.manual_seed(0)
     D, E, B, S = 6, 5, 3, 7
-    layer = MoELayer(D, 10, E, make_gate(D, E)).double()
+    layer = MoELayer(D, 10, E, make_gate(D, E), activation).double()
     x = torch.randn(B, S, D, dtype=torch.float64)
     x[..., 0] = 1.0
     x.requires_grad_()
