@@ -250,7 +250,7 @@ class TranslationModule(MoEModule):
         target = batch["tgt_out"]
         pad = self.hparams.pad_id
         smoothed, nll = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), pad, self.hparams.label_smoothing)
-        return smoothed, nll, int(target.ne(pad).sum()), routings
+        return smoothed, nll, target.ne(pad).sum(), routings
 
     def step(self, batch):
         smoothed, nll, _, routings = self._losses(batch)
@@ -384,7 +384,7 @@ class LanguageModelModule(MoEModule):
     def _nll(self, batch):
         logits, routings = self(batch)
         _, nll = cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["tgt_out"].reshape(-1), self.hparams.pad_id)
-        return nll, int((~batch["tgt_pad"]).sum()), routings
+        return nll, (~batch["tgt_pad"]).sum(), routings
 
     def step(self, batch):
         nll, _, routings = self._nll(batch)

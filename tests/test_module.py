@@ -54,7 +54,7 @@ def test_loss_includes_aux_and_ignores_padding():
         m_src = int((~b["src_pad"][i]).sum())
         alone.update(src=alone["src"][:, :m_src], src_pad=alone["src_pad"][:, :m_src])
         total += m._losses(alone)[1].item() * n
-    assert nll.item() == pytest.approx(total / ntokens, rel=1e-5)
+    assert nll.item() == pytest.approx(total / int(ntokens), rel=1e-5)
 
 
 def test_warmup_inverse_sqrt_schedule():
