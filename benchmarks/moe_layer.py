@@ -105,6 +105,7 @@ def main():
 
     assignments = {name: run_moe(layer) for name, layer in rows.items()}
     times = {name: [] for name in [*rows, "naive autograd top-2", "dense FFN", "dense GEMMs"]}
+
     def timed(fn, *a):
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -14,9 +14,9 @@ matmul of the same precision, measured in the same run.
 training step at the Multi30k size (`configs/multi30k.yaml` with adaptive gating, batches
 of 4,096 tokens, dropout 0.2) in fp32 and in bf16-mixed, interleaved, on the recorded
 batches of `--data` (Multi30k's folder) or on batches of Multi30k's shapes without it.
-`--profile` prints where our top-2 step spends its time.
+`--profile` prints where our top-2 step spends its time. `--device cuda` runs it all on a GPU.
 
-    pip install -e ".[bench]"; python benchmarks/throughput.py [--precision bf16-mixed] [--profile]
+    pip install -e ".[bench]"; python benchmarks/throughput.py [--precision bf16-mixed] [--profile] [--device cuda]
 """
 
 import argparse
@@ -95,22 +95,29 @@ def hf_models(tokens: int):
     return (nllb, hf_step(nllb)), (switch, hf_step(switch))
 
 
+def timed(fn, *args) -> float:
+    """Seconds of `fn(*args)`, waiting for the GPU's queue on both sides."""
+    cuda = torch.get_default_device().type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn(*args)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def matmul_rate(dtype, n=2048, repeats=5) -> float:
     a, b, c = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype), torch.empty(n, n, dtype=dtype)
-    torch.mm(a, b, out=c)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b, out=c)
-        ts.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(ts)
+    timed(torch.mm, a, b)
+    return 2 * n**3 / statistics.median(timed(lambda: torch.mm(a, b, out=c)) for _ in range(repeats))
 
 
 def training_step(step, optimizer, dtype):
     """Forward under autocast as Lightning's bf16-mixed runs it; backward and AdamW outside."""
 
     def run(*batch):
-        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast(torch.get_default_device().type, torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = step(*batch)
         loss.backward()
         optimizer.step()
@@ -120,7 +127,8 @@ def training_step(step, optimizer, dtype):
 
 
 def print_profile(run, batch, steps=3):
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.get_default_device().type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             run(*batch)
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
@@ -143,7 +151,13 @@ def compare_with_hf(args, dtype):
     tgt = torch.randint(3, V, (args.batch, args.seq))
     tokens = src.numel()
     (nllb, nllb_step), (switch, switch_step) = hf_models(tokens)
-    models = {"ours top-2": ours(Top2Gate), "nllb-moe top-2": (nllb, nllb_step), "ours top-1": ours(Top1Gate), "switch top-1": (switch, switch_step)}
+    nllb.to(src.device), switch.to(src.device)  # built by transformers on the CPU
+    models = {
+        "ours top-2": ours(Top2Gate),
+        "nllb-moe top-2": (nllb, nllb_step),
+        "ours top-1": ours(Top1Gate),
+        "switch top-1": (switch, switch_step),
+    }
     runs = {name: training_step(step, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True), dtype) for name, (m, step) in models.items()}
     flops = {}
     for name, run in runs.items():
@@ -155,9 +169,7 @@ def compare_with_hf(args, dtype):
     for _ in range(args.warmup + args.repeats):
         rates.append(matmul_rate(dtype))
         for name, run in runs.items():
-            t = time.perf_counter()
-            run(src, tgt)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(timed(run, src, tgt))
     med = {name: statistics.median(ts[args.warmup :]) for name, ts in times.items()}
     peak = statistics.median(rates)
 
@@ -180,8 +192,11 @@ def multi30k_batches(data: str | None, n: int) -> list[dict]:
         dm = TranslationData(ParallelText(data, "de", "en", test="test_2016_flickr"), vocab_size=V, max_tokens=4096, cache_dir="data")
         dm.prepare_data()
         dm.setup("fit")
-        return [batch for batch, _ in zip(dm.train_dataloader(), range(n))]
-    g = torch.Generator().manual_seed(0)
+        device = torch.get_default_device()
+        return [
+            {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch, _ in zip(dm.train_dataloader(), range(n))
+        ]
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     shapes = [(256, 16), (204, 20), (146, 28), (240, 17), (114, 35), (170, 24), (227, 18), (157, 26)]
     out = []
     for B, S in (shapes * n)[:n]:
@@ -208,10 +223,9 @@ def multi30k_step(args) -> float:
     for rep in range(2 + args.repeats):
         for batch in batches:
             for name, run in runs.items():
-                t = time.perf_counter()
-                run(batch)
+                t = timed(run, batch)
                 if rep >= 2:  # the first passes meet each batch shape for the first time
-                    times[name].append(time.perf_counter() - t)
+                    times[name].append(t)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ratio = statistics.median([a / b for a, b in zip(times["32-true"], times["bf16-mixed"])])
     source = args.data or "batches of Multi30k's shapes"
@@ -231,11 +245,14 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print where our top-2 step spends its time")
     ap.add_argument("--data", help="Multi30k's folder, for the bf16-mixed Multi30k step")
     ap.add_argument("--batches", type=int, default=8, help="Multi30k batches per pass")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    torch.set_default_device(args.device)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     flags = open("/proc/cpuinfo").read()
-    fast_bf16 = "amx_bf16" in flags or torch.cuda.is_available()
-    print(f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, AMX-BF16: {'yes' if 'amx_bf16' in flags else 'no'}")
+    fast_bf16 = "amx_bf16" in flags or args.device.startswith("cuda")
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    print(f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}, AMX-BF16: {'yes' if 'amx_bf16' in flags else 'no'}")
     dtype = DTYPES[args.precision]
     summary = compare_with_hf(args, dtype)
     if dtype == torch.bfloat16:
