@@ -182,7 +182,8 @@ def compare_with_hf(args, dtype):
     if args.profile:
         print_profile(runs["ours top-2"], (src, tgt))
     mfu = flops["ours top-2"] / med["ours top-2"] / peak
-    return f"vs_nllb_top2={med['nllb-moe top-2'] / med['ours top-2']:.2f} vs_switch_top1={med['switch top-1'] / med['ours top-1']:.2f} mfu={mfu:.2f}"
+    vs_nllb, vs_switch = med["nllb-moe top-2"] / med["ours top-2"], med["switch top-1"] / med["ours top-1"]
+    return f"vs_nllb_top2={vs_nllb:.2f} vs_switch_top1={vs_switch:.2f} mfu={mfu:.2f}"
 
 
 def multi30k_batches(data: str | None, n: int) -> list[dict]:
