@@ -74,31 +74,47 @@ def math_attention(q_BHSd, k_BHSd, v_BHSd, mask=None, dropout_p: float = 0.0, is
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """Label-smoothed and plain token cross-entropy from one log-softmax. Backward is one
-    pass over the logits: softmax minus the smoothed target distribution."""
+    """Label-smoothed and plain token cross-entropy in one pass over the logits forward
+    and one backward, a block of rows at a time so that the fp32 temporaries stay in
+    cache. Saves the log-sum-exp per row, not an fp32 copy of the log-probabilities.
+    Backward is softmax minus the smoothed target distribution."""
+
+    ROWS = 64  # a block's fp32 temporaries: 64 x 8,000-word vocabulary = 2 MB
 
     @staticmethod
     def forward(ctx, logits_NV, target_N, ignore_index, smoothing):
+        N, V = logits_NV.shape
         valid_N = target_N.ne(ignore_index)
         count = valid_N.sum().clamp_min(1)
-        logp_NV = torch.log_softmax(logits_NV, -1, dtype=torch.float32)
-        nll_N = -logp_NV.gather(1, target_N.masked_fill(~valid_N, 0)[:, None]).squeeze(1)
-        uniform_N = -logp_NV.mean(-1)
+        safe_N = target_N.masked_fill(~valid_N, 0)
+        lse_N, total_N = logits_NV.new_empty(N, dtype=torch.float32), logits_NV.new_empty(N, dtype=torch.float32)
+        for r in range(0, N, _CrossEntropy.ROWS):
+            block = logits_NV[r : r + _CrossEntropy.ROWS].float()
+            torch.logsumexp(block, -1, out=lse_N[r : r + _CrossEntropy.ROWS])
+            torch.sum(block, -1, out=total_N[r : r + _CrossEntropy.ROWS])
+        nll_N = lse_N - logits_NV.gather(1, safe_N[:, None]).squeeze(1).float()
+        uniform_N = lse_N - total_N / V
         nll = (nll_N * valid_N).sum() / count
         smoothed = ((1 - smoothing) * nll_N + smoothing * uniform_N).mul(valid_N).sum() / count
-        ctx.save_for_backward(logp_NV, target_N, valid_N, count)
-        ctx.smoothing, ctx.dtype = smoothing, logits_NV.dtype
+        ctx.save_for_backward(logits_NV, safe_N, valid_N, count, lse_N)
+        ctx.smoothing = smoothing
         return smoothed, nll
 
     @staticmethod
     def backward(ctx, g_smoothed, g_nll):
-        logp_NV, target_N, valid_N, count = ctx.saved_tensors
-        s, V = ctx.smoothing, logp_NV.shape[1]
-        grad_NV = logp_NV.exp().mul_(g_smoothed + g_nll).sub_(s / V * g_smoothed)
-        rows = torch.arange(len(target_N), device=target_N.device)
-        grad_NV[rows, target_N.masked_fill(~valid_N, 0)] -= (1 - s) * g_smoothed + g_nll
-        grad_NV.mul_((valid_N / count)[:, None])
-        return grad_NV.to(ctx.dtype), None, None, None
+        logits_NV, safe_N, valid_N, count, lse_N = ctx.saved_tensors
+        s, (N, V) = ctx.smoothing, logits_NV.shape
+        scale_N = valid_N / count
+        at_target_N = ((1 - s) * g_smoothed + g_nll) * scale_N
+        grad_NV = torch.empty_like(logits_NV)
+        block_rows = torch.arange(_CrossEntropy.ROWS, device=logits_NV.device)
+        for r in range(0, N, _CrossEntropy.ROWS):
+            rows = slice(r, r + _CrossEntropy.ROWS)
+            p = (logits_NV[rows].float() - lse_N[rows, None]).exp_()
+            p.mul_(g_smoothed + g_nll).sub_(s / V * g_smoothed).mul_(scale_N[rows, None])
+            p[block_rows[: len(p)], safe_N[rows]] -= at_target_N[rows]
+            grad_NV[rows] = p
+        return grad_NV, None, None, None
 
 
 def cross_entropy(logits_NV: Tensor, target_N: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
