@@ -12,10 +12,10 @@ during the run cancels.
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from throughput import timed
 
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
 from adamoe.moe import MoELayer
@@ -105,15 +105,6 @@ def main():
 
     assignments = {name: run_moe(layer) for name, layer in rows.items()}
     times = {name: [] for name in [*rows, "naive autograd top-2", "dense FFN", "dense GEMMs"]}
-
-    def timed(fn, *a):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn(*a)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
 
     for i in range(args.warmup + args.repeats):
         for name, layer in rows.items():
