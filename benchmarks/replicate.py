@@ -222,6 +222,18 @@ def report(runs: dict[str, list[dict]], args) -> str:
     if "adaptive-no-curriculum" in runs and "adaptive" in runs:
         out += ["", "## Table 6: curriculum", "", HEAD]
         out += [row("adaptive", "adaptive, paper order"), row("adaptive-no-curriculum", "adaptive, no curriculum")]
+
+        def ep_per_token(r):
+            # The full epochs after the first: the first has no routing to order by yet, and
+            # the step budget cuts the last one short.
+            cost, tokens = [p["value"] for p in r["ep_cost"]][1:-1], [e["tokens"] for e in r["epochs"]][1:-1]
+            return sum(cost) / sum(tokens) if cost else None
+
+        costs = {n: spread([ep_per_token(r) for r in runs[n]], ".4f") for n in ("adaptive", "adaptive-no-curriculum")}
+        out.append(
+            "\nModeled 8-GPU expert-parallel cost per token (per step and MoE layer, the largest load of 8 expert groups, "
+            f"summed; full epochs after the first): paper order {costs['adaptive']}, no curriculum {costs['adaptive-no-curriculum']}."
+        )
     out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU | fit wall (noisy) |", "|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         for r in rs:
