@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from adamoe.callbacks import (
     AtomicCheckpointIO,
@@ -45,7 +46,15 @@ class OneLineErrors(LightningArgumentParser):
         if not self.exit_on_error:
             return super().error(message, ex)
         keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
-        noise = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>", "- Problem with given class_path")
+        noise = (
+            "Parser key",
+            "Does not validate",
+            "Subtypes:",
+            "Errors:",
+            "Given value",
+            "- Expected a <class 'NoneType'>",
+            "- Problem with given class_path",
+        )
         reasons = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]
         where = f"{'.'.join(keys)}: " if keys else ""
         prog = self.prog.replace(" [options]", "")
@@ -87,7 +96,9 @@ class AdamoeCLI(LightningCLI):
     def parse_arguments(self, parser, args):
         # Kept to tell which `--model.*` the user typed (see `_parse_ckpt_path`); a dict or
         # Namespace of arguments types nothing.
-        self._command_line = [str(a) for a in (sys.argv[1:] if args is None else args)] if args is None or isinstance(args, (list, tuple)) else []
+        self._command_line = (
+            [str(a) for a in (sys.argv[1:] if args is None else args)] if args is None or isinstance(args, (list, tuple)) else []
+        )
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self):
@@ -107,7 +118,11 @@ class AdamoeCLI(LightningCLI):
         saved, wanted = hparams.pop("_class_path", None), self.config[subcommand].get("model", {}).get("class_path")
         if saved and wanted and saved != wanted:
             raise CheckpointError(f"{ckpt} was saved by {saved}; this config's model is {wanted}, for another task")
-        given = {a.split("=")[0].removeprefix("--model.").removeprefix("init_args.").split(".")[0] for a in self._command_line if a.startswith("--model.")}
+        given = {
+            a.split("=")[0].removeprefix("--model.").removeprefix("init_args.").split(".")[0]
+            for a in self._command_line
+            if a.startswith("--model.")
+        }
         kept = {k: v for k, v in hparams.items() if k not in given}
         if kept:
             model = {"class_path": saved, "dict_kwargs": kept} if saved else kept
@@ -121,7 +136,11 @@ class AdamoeCLI(LightningCLI):
             raise CheckpointError(f"--ckpt_path {ckpt}: no such checkpoint file")
         curriculum = getattr(self.datamodule, "curriculum", "none")
         if curriculum in ("paper", "reverse") and not any(isinstance(m, MoELayer) for m in self.model.modules()):
-            raise ConfigError(f"data.curriculum={curriculum} orders samples by their routing, but the model has no MoE layer (moe_every: 0)")
+            raise ConfigError(
+                f"data.curriculum={curriculum} orders samples by their routing, but the model has no MoE layer (moe_every: 0)"
+            )
+        if "bf16" in str(self.trainer.precision) and self.trainer.strategy.root_device.type == "cpu" and not cpu_has_fast_bf16():
+            rank_zero_warn("this CPU has no fast bf16 matmul (no AMX-BF16 or AVX512-BF16): bf16-mixed will run slower than fp32")
         logger = self.trainer.logger
         if logger is not None and self.trainer.is_global_zero and logger.save_dir:
             folder = Path(logger.save_dir)
@@ -142,6 +161,14 @@ class AdamoeCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _check_run
 
 
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell, so no warning
+        return True
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def main(args=None, run: bool = True) -> AdamoeCLI:
     return AdamoeCLI(
         MoEModule,
@@ -150,7 +177,10 @@ def main(args=None, run: bool = True) -> AdamoeCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "adamoe", "default_hp_metric": False}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "logs", "name": "adamoe", "default_hp_metric": False},
+            },
             "callbacks": [
                 MetricsSummary(),
                 ExpertStats(),
@@ -186,14 +216,18 @@ def entry(args=None) -> int:
             return _fail(e, f"error: {cause.filename or ''}: {cause.strerror}" if isinstance(cause, OSError) else f"error: {cause}")
         if _lost_peer(e):
             # The rank that failed first has said why; a page of traceback per survivor adds nothing.
-            return _fail(e, f"error: a collective failed because another rank exited or hung (its message says why): {str(e).splitlines()[0]}")
+            return _fail(
+                e, f"error: a collective failed because another rank exited or hung (its message says why): {str(e).splitlines()[0]}"
+            )
         raise
     return 0
 
 
 def _lost_peer(e: BaseException) -> bool:
     text = str(e)
-    return isinstance(e, RuntimeError) and any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out"))
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out")
+    )
 
 
 def _is_users(e: BaseException) -> bool:

@@ -1,5 +1,7 @@
 """bf16-mixed training follows fp32's loss curve."""
 
+import warnings
+
 import pytest
 import yaml
 from helpers import scalars, tiny_config, train
@@ -28,3 +30,27 @@ def test_bf16_mixed_loss_curve_follows_fp32(tmp_path):
     for step in fp32:
         assert bf16[step] == pytest.approx(fp32[step], rel=0.01), step
     assert bf16 != fp32  # the bf16 run did compute in bf16
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_on_a_cpu_without_fast_bf16_says_it_will_be_slower(tmp_path, monkeypatch, fast):
+    import adamoe.cli
+
+    monkeypatch.setattr(adamoe.cli, "cpu_has_fast_bf16", lambda: fast)
+    cfg = tiny_config(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(
+            "fit",
+            "--config",
+            cfg,
+            "--trainer.precision",
+            "bf16-mixed",
+            "--trainer.max_steps",
+            1,
+            "--trainer.limit_val_batches",
+            0,
+            cwd=tmp_path,
+        )
+    said = any("no fast bf16 matmul" in str(w.message) for w in caught)
+    assert said == (not fast)
