@@ -170,6 +170,11 @@ def report(runs: dict[str, list[dict]], args) -> str:
     top2 = [v for v in top2 if v is not None]
     target = statistics.mean(top2) if top2 else None
     base = statistics.mean(steps_to(r["curve"], target) for r in runs["top2"]) if target is not None else None
+    step_file = args.out / "step_time.json"
+    step_record = json.loads(step_file.read_text()) if step_file.exists() else {}
+    step_time = step_record.get("schemes", {})
+    # The runs trained with their own commit; the step times are those of the code that measured them.
+    measured_with = f" Step times are those of the code at commit `{step_record['commit']}`." if step_record.get("commit") else ""
     out = [
         f"# Replication on Multi30k De→En ({args.mode} run)",
         "",
@@ -183,15 +188,13 @@ def report(runs: dict[str, list[dict]], args) -> str:
         "Values are the mean and [min-max] over seeds. Step time is measured side by side in one process by "
         "`benchmarks/step_time.py` (median over repeats, each scheme's own trained routing), and normalized time to target "
         "is (steps ratio) x (step-time ratio). Wall-clock times of the runs are listed below but not compared: the runs "
-        "shared a busy machine over many hours.",
+        f"shared a busy machine over many hours.{measured_with}",
         "",
         "## Table 3: schemes",
         "",
         HEAD,
     ]
 
-    step_file = args.out / "step_time.json"
-    step_time = json.loads(step_file.read_text())["schemes"] if step_file.exists() else {}
 
     def row(name, label, paper=("", "")):
         rs = runs[name]

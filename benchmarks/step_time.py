@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def main():
     median = {name: statistics.median(t) for name, t in times.items()}
     result = {
         "machine": {"cpu": cpu_model(), "node": platform.node(), "threads": torch.get_num_threads()},
+        # The runs trained with their own commit; these step times are this commit's code.
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "batches": args.batches,
         "repeats": args.repeats,
         "schemes": {
