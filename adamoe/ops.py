@@ -79,7 +79,11 @@ class _CrossEntropy(torch.autograd.Function):
     cache. Saves the log-sum-exp per row, not an fp32 copy of the log-probabilities.
     Backward is softmax minus the smoothed target distribution."""
 
-    ROWS = 64  # a block's fp32 temporaries: 64 x 8,000-word vocabulary = 2 MB
+    @staticmethod
+    def rows(logits_NV: Tensor) -> int:
+        # On CPU a block's fp32 temporaries fit in cache (64 x an 8,000-word vocabulary =
+        # 2 MB); a GPU wants fewer, larger kernels, with memory still bounded.
+        return 64 if logits_NV.device.type == "cpu" else 1024
 
     @staticmethod
     def forward(ctx, logits_NV, target_N, ignore_index, smoothing):
@@ -88,10 +92,11 @@ class _CrossEntropy(torch.autograd.Function):
         count = valid_N.sum().clamp_min(1)
         safe_N = target_N.masked_fill(~valid_N, 0)
         lse_N, total_N = logits_NV.new_empty(N, dtype=torch.float32), logits_NV.new_empty(N, dtype=torch.float32)
-        for r in range(0, N, _CrossEntropy.ROWS):
-            block = logits_NV[r : r + _CrossEntropy.ROWS].float()
-            torch.logsumexp(block, -1, out=lse_N[r : r + _CrossEntropy.ROWS])
-            torch.sum(block, -1, out=total_N[r : r + _CrossEntropy.ROWS])
+        R = _CrossEntropy.rows(logits_NV)
+        for r in range(0, N, R):
+            block = logits_NV[r : r + R].float()
+            torch.logsumexp(block, -1, out=lse_N[r : r + R])
+            torch.sum(block, -1, out=total_N[r : r + R])
         nll_N = lse_N - logits_NV.gather(1, safe_N[:, None]).squeeze(1).float()
         uniform_N = lse_N - total_N / V
         nll = (nll_N * valid_N).sum() / count
@@ -107,9 +112,10 @@ class _CrossEntropy(torch.autograd.Function):
         scale_N = valid_N / count
         at_target_N = ((1 - s) * g_smoothed + g_nll) * scale_N
         grad_NV = torch.empty_like(logits_NV)
-        block_rows = torch.arange(_CrossEntropy.ROWS, device=logits_NV.device)
-        for r in range(0, N, _CrossEntropy.ROWS):
-            rows = slice(r, r + _CrossEntropy.ROWS)
+        R = _CrossEntropy.rows(logits_NV)
+        block_rows = torch.arange(R, device=logits_NV.device)
+        for r in range(0, N, R):
+            rows = slice(r, r + R)
             p = (logits_NV[rows].float() - lse_N[rows, None]).exp_()
             p.mul_(g_smoothed + g_nll).sub_(s / V * g_smoothed).mul_(scale_N[rows, None])
             p[block_rows[: len(p)], safe_N[rows]] -= at_target_N[rows]
