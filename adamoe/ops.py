@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adamoe.errors import ConfigError
+
 # splitmix64's increment and multipliers, as signed int64.
 _GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
 
@@ -36,8 +38,6 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     keep = _random_int16(x.numel(), x.device).view(x.shape) >= round(-32768 + 65536 * p)
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
@@ -45,6 +45,8 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 class Dropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:

@@ -76,6 +76,7 @@ CASES = {
     "vocab_size below the special tokens": (lambda t, c: fit(t, "--data.init_args.vocab_size", 3), "vocab_size=3 leaves no room"),
     "heads do not divide d_model": (lambda t, c: fit(t, "--model.init_args.n_heads", 5), "d_model 32 is not divisible by n_heads 5"),
     "adaptive gate with one expert": (lambda t, c: fit(t, "--model.init_args.num_experts", 1), "AdaptiveGate needs at least 2 experts"),
+    "dropout of 1 or more": (lambda t, c: fit(t, "--model.init_args.dropout", 1.0), "dropout must be in [0, 1), got 1.0"),
     "negative moe_every": (lambda t, c: fit(t, "--model.init_args.moe_every", -1), "moe_every must be >= 0, got -1"),
     "curriculum without MoE layers": (lambda t, c: fit(t, "--data.init_args.curriculum", "paper", "--model.init_args.moe_every", 0), "no MoE layer"),
     "stop at target without a target": (lambda t, c: fit(t, "--timer.stop_at_target", "true"), "stop_at_target needs a target"),
