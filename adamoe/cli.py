@@ -151,7 +151,7 @@ class AdamoeCLI(LightningCLI):
                 probe.unlink()
             except OSError as e:
                 raise ConfigError(f"log folder {folder} is not writable: {e.strerror}") from None
-            saved = Path(self.trainer.log_dir or "") / "config.yaml"
+            saved = Path(self.trainer.log_dir) / "config.yaml"
             if self.subcommand == "fit" and not ckpt and saved.exists():
                 raise ConfigError(
                     f"{saved.parent} already holds a run: resume it with --ckpt_path {saved.parent.parent / 'checkpoints' / 'last.ckpt'}, "

@@ -1,5 +1,6 @@
 """Dropless MoE layer: gate, then sort-based dispatch, then grouped expert math."""
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -41,7 +42,7 @@ class _ExpertFFN(torch.autograd.Function):
             torch.mm(a_NF[s].relu_() if relu else activation(a_NF[s]), w1_EFD[e], out=y_ND[s])
             y_TD.index_add_(0, token_N[s], (y_ND[s] * weight_N[s, None]).to(y_TD.dtype))
         ctx.save_for_backward(x_TD, token_N, weight_N, w0_EDF, w1_EFD, a_NF, y_ND)
-        ctx.counts, ctx.activation, ctx.relu = counts, activation, relu
+        ctx.counts, ctx.activation = counts, activation
         return y_TD
 
     @staticmethod
@@ -61,7 +62,7 @@ class _ExpertFFN(torch.autograd.Function):
             grad_weight[s] = (g * y_ND[s]).sum(1).to(grad_weight.dtype)
             # Scale the narrow [n, D] gradient by the weights, not the wide [n, F] hidden.
             g_w = g * weight_N[s, None].to(g.dtype)
-            if ctx.relu:
+            if ctx.activation is F.relu:
                 h = a_NF[s]  # saved after the in-place ReLU
                 grad_a = torch.ops.aten.threshold_backward(g_w @ w1_EFD[e].t(), h, 0)
             else:
@@ -127,11 +128,10 @@ def _pad_groups(token_N: Tensor, weight_N: Tensor, counts: list[int], bucket: in
     matmul kernel for every new shape, which costs more than the matmul: with padded
     groups the shapes repeat and the compiled kernels are reused."""
     padded = [-(-n // bucket) * bucket for n in counts]
-    extra, shift = [p - n for p, n in zip(padded, counts)], []
-    for e in range(len(counts)):
-        shift.append(sum(extra[:e]))  # padding rows before expert e's group
+    shift = [0, *itertools.accumulate(p - n for p, n in zip(padded[:-1], counts[:-1]))]  # padding rows before each group
     device = token_N.device
-    pos_N = torch.arange(len(token_N), device=device) + torch.tensor(shift, device=device).repeat_interleave(torch.tensor(counts, device=device))
+    shift_N = torch.tensor(shift, device=device).repeat_interleave(torch.tensor(counts, device=device))
+    pos_N = torch.arange(len(token_N), device=device) + shift_N
     token_P = token_N.new_zeros(sum(padded)).index_copy(0, pos_N, token_N)
     weight_P = weight_N.new_zeros(sum(padded)).index_copy(0, pos_N, weight_N)
     return token_P, weight_P, padded

@@ -219,7 +219,12 @@ def multi30k_step(args) -> float:
             moe_every=2, dropout=0.2, gate=functools.partial(AdaptiveGate, threshold=0.1),
         ).train()  # fmt: skip
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
-        runs[name] = training_step(lambda b, m=module: (lambda loss, _, r: loss + sum(x.aux_loss for x in r))(*m.step(b)), optimizer, dtype)
+
+        def loss_with_aux(batch, module=module):
+            loss, _, routings = module.step(batch)
+            return loss + sum(r.aux_loss for r in routings)
+
+        runs[name] = training_step(loss_with_aux, optimizer, dtype)
     times = {name: [] for name in runs}
     for rep in range(2 + args.repeats):
         for batch in batches:
