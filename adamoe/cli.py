@@ -10,27 +10,19 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from adamoe.callbacks import (
-    AtomicCheckpointIO,
-    Checkpoint,
-    Curriculum,
-    EpochTimer,
-    ExpertStats,
-    MetricsSummary,
-    NonFiniteGuard,
-    RandomState,
-    RoutingAnalysis,
-)  # fmt: skip
+from adamoe.callbacks import AtomicCheckpointIO, Checkpoint, EpochTimer, NonFiniteGuard, RoutingAnalysis
 from adamoe.data import TextData
 from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError
-from adamoe.module import MoEModule
 from adamoe.moe import MoELayer
+from adamoe.tasks import MoEModule
+
+# The trainer, logger and callbacks every run starts from, before any --config.
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 # Said once per epoch by Lightning itself, about its own code.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -56,6 +48,8 @@ class OneLineErrors(LightningArgumentParser):
             "- Problem with given class_path",
         )
         reasons = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]
+        # `net` takes a config or a module: the branch the value was not meant for says so last.
+        reasons = [r for r in reasons if "does not correspond to a subclass of" not in r] or reasons
         where = f"{'.'.join(keys)}: " if keys else ""
         prog = self.prog.replace(" [options]", "")
         print(f"error: {where}{reasons[-1] if reasons else message.strip()} (options: {prog} --help)", file=sys.stderr, flush=True)
@@ -64,13 +58,14 @@ class OneLineErrors(LightningArgumentParser):
 
 class AdamoeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
-        # Always on, with their own config groups: `--timer.target 2.0`, `--analysis.top_k 20`,
-        # `--nonfinite.action skip`, `--checkpoint.save_last_every 0:10:00`.
+        # Callbacks with settings a run often changes get a config group of their own
+        # (`--checkpoint.monitor val/acc`, `--timer.target 2.0`, `--nonfinite.action skip`),
+        # which a config file sets as `checkpoint: {monitor: val/acc}`. The others are the
+        # list `trainer.callbacks` in configs/base.yaml.
         parser.add_lightning_class_args(EpochTimer, "timer")
         parser.add_lightning_class_args(RoutingAnalysis, "analysis")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
-        parser.add_lightning_class_args(Checkpoint, "checkpoint")  # `--checkpoint.monitor val/acc --checkpoint.mode max`
-        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_argument(
             "--collective_timeout", type=timedelta, default=timedelta(minutes=10),
             help="how long a DDP rank waits in a collective for the others before it fails (NCCL's own default is 30 min)",
@@ -170,27 +165,15 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def main(args=None, run: bool = True) -> AdamoeCLI:
+    defaults = {"default_config_files": [str(BASE_CONFIG)]} if BASE_CONFIG.is_file() else {}
     return AdamoeCLI(
         MoEModule,
         TextData,
         parser_class=OneLineErrors,
+        # With run=False there is one parser and no subcommand.
+        parser_kwargs={name: defaults for name in AdamoeCLI.subcommands()} if run else defaults,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "logs", "name": "adamoe", "default_hp_metric": False},
-            },
-            "callbacks": [
-                MetricsSummary(),
-                ExpertStats(),
-                Curriculum(),
-                RandomState(),
-                LearningRateMonitor(logging_interval="step"),
-            ],
-            "use_distributed_sampler": False,  # the data module shards its own batches
-            "reload_dataloaders_every_n_epochs": 1,  # and their number changes with the epoch's order
-        },
         auto_configure_optimizers=False,  # the module takes its optimizer and schedule as arguments
         args=args,
         run=run,
@@ -205,6 +188,7 @@ def entry(args=None) -> int:
     """`train.py`: a mistake in the config, the data or a checkpoint, or a run that cannot
     go on, ends with one line that names the culprit and exit status 2, not a traceback.
     Set ADAMOE_TRACEBACK=1 to see the traceback."""
+    _say_each_warning_once()
     try:
         main(args)
     except Exception as e:
@@ -221,6 +205,23 @@ def entry(args=None) -> int:
             )
         raise
     return 0
+
+
+def _say_each_warning_once():
+    """Lightning repeats some warnings every epoch, when it rebuilds the loaders, with other
+    numbers in them (and Python's own once-per-place record is reset whenever any library
+    touches the warning filters): show each place's warning once per run."""
+    if getattr(warnings.showwarning, "once_per_place", False):  # entry() ran before in this process
+        return
+    shown, show = set(), warnings.showwarning
+
+    def once(message, category, filename, lineno, file=None, line=None):
+        if (category, filename, lineno) not in shown:
+            shown.add((category, filename, lineno))
+            show(message, category, filename, lineno, file, line)
+
+    once.once_per_place = True
+    warnings.showwarning = once
 
 
 def _lost_peer(e: BaseException) -> bool:

@@ -82,50 +82,50 @@ class _CrossEntropy(torch.autograd.Function):
     Backward is softmax minus the smoothed target distribution."""
 
     @staticmethod
-    def rows(logits_NV: Tensor) -> int:
+    def rows(logits_TV: Tensor) -> int:
         # On CPU a block's fp32 temporaries fit in cache (64 x an 8,000-word vocabulary =
         # 2 MB); a GPU wants fewer, larger kernels, with memory still bounded.
-        return 64 if logits_NV.device.type == "cpu" else 1024
+        return 64 if logits_TV.device.type == "cpu" else 1024
 
     @staticmethod
-    def forward(ctx, logits_NV, target_N, ignore_index, smoothing):
-        N, V = logits_NV.shape
-        valid_N = target_N.ne(ignore_index)
-        count = valid_N.sum().clamp_min(1)
-        safe_N = target_N.masked_fill(~valid_N, 0)
-        lse_N, total_N = logits_NV.new_empty(N, dtype=torch.float32), logits_NV.new_empty(N, dtype=torch.float32)
-        R = _CrossEntropy.rows(logits_NV)
-        for r in range(0, N, R):
-            block = logits_NV[r : r + R].float()
-            torch.logsumexp(block, -1, out=lse_N[r : r + R])
-            torch.sum(block, -1, out=total_N[r : r + R])
-        nll_N = lse_N - logits_NV.gather(1, safe_N[:, None]).squeeze(1).float()
-        uniform_N = lse_N - total_N / V
-        nll = (nll_N * valid_N).sum() / count
-        smoothed = ((1 - smoothing) * nll_N + smoothing * uniform_N).mul(valid_N).sum() / count
-        ctx.save_for_backward(logits_NV, safe_N, valid_N, count, lse_N)
+    def forward(ctx, logits_TV, target_T, ignore_index, smoothing):
+        T, V = logits_TV.shape
+        valid_T = target_T.ne(ignore_index)
+        count = valid_T.sum().clamp_min(1)
+        safe_T = target_T.masked_fill(~valid_T, 0)
+        lse_T, total_T = logits_TV.new_empty(T, dtype=torch.float32), logits_TV.new_empty(T, dtype=torch.float32)
+        size = _CrossEntropy.rows(logits_TV)
+        for r in range(0, T, size):
+            block = logits_TV[r : r + size].float()
+            torch.logsumexp(block, -1, out=lse_T[r : r + size])
+            torch.sum(block, -1, out=total_T[r : r + size])
+        nll_T = lse_T - logits_TV.gather(1, safe_T[:, None]).squeeze(1).float()
+        uniform_T = lse_T - total_T / V
+        nll = (nll_T * valid_T).sum() / count
+        smoothed = ((1 - smoothing) * nll_T + smoothing * uniform_T).mul(valid_T).sum() / count
+        ctx.save_for_backward(logits_TV, safe_T, valid_T, count, lse_T)
         ctx.smoothing = smoothing
         return smoothed, nll
 
     @staticmethod
     def backward(ctx, g_smoothed, g_nll):
-        logits_NV, safe_N, valid_N, count, lse_N = ctx.saved_tensors
-        s, (N, V) = ctx.smoothing, logits_NV.shape
-        scale_N = valid_N / count
-        at_target_N = ((1 - s) * g_smoothed + g_nll) * scale_N
-        grad_NV = torch.empty_like(logits_NV)
-        R = _CrossEntropy.rows(logits_NV)
-        block_rows = torch.arange(R, device=logits_NV.device)
-        for r in range(0, N, R):
-            rows = slice(r, r + R)
-            p = (logits_NV[rows].float() - lse_N[rows, None]).exp_()
-            p.mul_(g_smoothed + g_nll).sub_(s / V * g_smoothed).mul_(scale_N[rows, None])
-            p[block_rows[: len(p)], safe_N[rows]] -= at_target_N[rows]
-            grad_NV[rows] = p
-        return grad_NV, None, None, None
+        logits_TV, safe_T, valid_T, count, lse_T = ctx.saved_tensors
+        s, (T, V) = ctx.smoothing, logits_TV.shape
+        scale_T = valid_T / count
+        at_target_T = ((1 - s) * g_smoothed + g_nll) * scale_T
+        grad_TV = torch.empty_like(logits_TV)
+        size = _CrossEntropy.rows(logits_TV)
+        block_rows = torch.arange(size, device=logits_TV.device)
+        for r in range(0, T, size):
+            rows = slice(r, r + size)
+            p = (logits_TV[rows].float() - lse_T[rows, None]).exp_()
+            p.mul_(g_smoothed + g_nll).sub_(s / V * g_smoothed).mul_(scale_T[rows, None])
+            p[block_rows[: len(p)], safe_T[rows]] -= at_target_T[rows]
+            grad_TV[rows] = p
+        return grad_TV, None, None, None
 
 
-def cross_entropy(logits_NV: Tensor, target_N: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+def cross_entropy(logits_TV: Tensor, target_T: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """(label-smoothed loss, plain loss), each the mean over targets != ignore_index, as
     `F.cross_entropy` computes them."""
-    return _CrossEntropy.apply(logits_NV, target_N, ignore_index, label_smoothing)
+    return _CrossEntropy.apply(logits_TV, target_T, ignore_index, label_smoothing)

@@ -1,9 +1,13 @@
-"""Expert parallelism: each rank holds E/W experts of every MoE layer; tokens travel to
-their experts and back by two differentiable all-to-all exchanges."""
+"""Expert parallelism, applied to a model from outside it: each rank holds E/W experts
+of every MoE layer, tokens travel to their experts and back by two differentiable
+all-to-all exchanges, and checkpoints always hold all E experts."""
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from adamoe.errors import CheckpointError
 
 
 class _AllToAll(torch.autograd.Function):
@@ -52,3 +56,93 @@ def parallel_dispatch(experts, x_TD: Tensor, token_N: Tensor, weight_N: Tensor, 
     element = x_TD.element_size() * x_TD.shape[1]
     sent_bytes = ((sum(send) - send[rank]) + (sum(recv) - recv[rank])) * element  # both exchanges, off-rank only
     return y_TD, sum(recv), sent_bytes
+
+
+def _moe_layers(root: nn.Module) -> list[nn.Module]:
+    from adamoe.moe import MoELayer  # the layer imports this file for its dispatch
+
+    return [m for m in root.modules() if isinstance(m, MoELayer)]
+
+
+def expert_group(root: nn.Module):
+    """The process group the experts under `root` are spread over; None when they are not."""
+    return next((layer.ep_group for layer in _moe_layers(root) if layer.ep_group is not None), None)
+
+
+def expert_parameter_names(root: nn.Module) -> list[str]:
+    experts = {id(p) for layer in _moe_layers(root) for p in layer.experts.parameters()}
+    return [n for n, p in root.named_parameters() if id(p) in experts]
+
+
+def parallelize_experts(root: nn.Module, group=None):
+    """Spread the experts of every MoE layer under `root` over the ranks of `group`.
+
+    Dense weights stay data-parallel. Expert weights are left out of DDP's all-reduce:
+    their gradients already sum every rank's tokens, so they are divided by W to match
+    DDP's mean. Call it once, before DDP wraps `root`.
+    """
+    W = dist.get_world_size(group)
+    for layer in _moe_layers(root):
+        layer.shard(group)
+        for p in layer.experts.parameters():
+            p.register_hook(lambda g: g / W)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, expert_parameter_names(root))
+
+
+def agree(model: nn.Module, value: int, op) -> int:
+    """Under expert parallelism every rank's decoder must take the same steps, since each
+    step's all-to-all needs every rank: loop lengths and stop decisions are agreed here."""
+    group = expert_group(model)
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=op, group=group)
+    return int(t)
+
+
+def record_parameter_names(checkpoint: dict, root: nn.Module, optimizers) -> None:
+    """Torch keys optimizer state by position over the param groups, which a fork changes
+    as soon as it splits parameters into groups: store the name behind each position, so
+    that expert state is found by name when a checkpoint is gathered or sliced."""
+    names = {id(p): n for n, p in root.named_parameters()}
+    checkpoint["optimizer_parameter_names"] = [[names[id(p)] for g in opt.param_groups for p in g["params"]] for opt in optimizers]
+
+
+def _map_expert_state(checkpoint: dict, root: nn.Module, fn) -> None:
+    """Apply fn(tensor, local parameter) to every expert tensor of a checkpoint: the
+    weights and their optimizer state."""
+    params = dict(root.named_parameters())
+    experts = expert_parameter_names(root)  # a list: every rank must gather in the same order
+    for name in experts:
+        checkpoint["state_dict"][name] = fn(checkpoint["state_dict"][name], params[name])
+    states = checkpoint.get("optimizer_states", [])
+    names = checkpoint.get("optimizer_parameter_names")
+    if states and names is None:
+        raise CheckpointError("the checkpoint's optimizer state has no parameter names, so its expert state cannot be split over ranks")
+    for state, order in zip(states, names or []):
+        for i, name in enumerate(order):
+            if name in experts and i in state["state"]:
+                state["state"][i] = {k: fn(v, params[name]) if torch.is_tensor(v) and v.dim() else v for k, v in state["state"][i].items()}
+
+
+def gather_experts(checkpoint: dict, root: nn.Module) -> None:
+    """Every rank calls this while a checkpoint is made, each giving its E/W experts."""
+    group = expert_group(root)
+    if group is None:
+        return
+
+    def gather(t, p):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts, 0)
+
+    _map_expert_state(checkpoint, root, gather)
+
+
+def slice_experts(checkpoint: dict, root: nn.Module) -> None:
+    """Keep this rank's experts of a checkpoint that holds all E, saved with any W."""
+    group = expert_group(root)
+    if group is None:
+        return
+    rank = dist.get_rank(group)
+    _map_expert_state(checkpoint, root, lambda t, p: t[rank * p.shape[0] : (rank + 1) * p.shape[0]])

@@ -2,6 +2,8 @@
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -11,6 +13,7 @@ from adamoe.errors import ConfigError
 from adamoe.gates import Gate, Routing, Top2Gate
 from adamoe.moe import ACTIVATIONS, MoELayer
 from adamoe.ops import Dropout, attention
+from adamoe.parallel import agree
 
 GateFactory = Callable[[int, int], Gate]
 
@@ -96,78 +99,73 @@ class Block(nn.Module):
         return x_BSD + self.drop(y_BSD), routing
 
 
+@dataclass
+class TransformerConfig:
+    """The transformer's shape. FFN i (0-based) of each stack is an MoE layer when
+    (i + 1) % moe_every == 0; moe_every=0 is fully dense. A stack of 0 layers is left out:
+    encoder-only and decoder-only models are the same class."""
+
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    num_experts: int = 8
+    moe_every: int = 2
+    gate: GateFactory = Top2Gate
+    activation: str = "relu"
+    capacity_factor: float | None = None
+    dropout: float = 0.1
+    tie_embeddings: bool = True
+
+
 class Transformer(nn.Module):
     """Encoder-decoder transformer (Vaswani et al.) with pre-LayerNorm and MoE FFNs.
 
-    FFN i (0-based) of each stack is an MoE layer when (i + 1) % moe_every == 0, so the
-    default moe_every=2 makes every second FFN sparse; moe_every=0 is fully dense.
     `forward` returns the logits and one `Routing` per MoE layer, in the order of
-    `moe_layer_names`: encoder layers bottom to top, then decoder layers bottom to top.
-
-    Sequences are right-padded: the decoder relies on causal masking alone to keep real
-    positions from seeing target padding.
-
-    With num_decoder_layers=0 it is an encoder (use `encode`); with num_encoder_layers=0 a
-    decoder-only language model (use `decode` without memory, and `continue_text`).
+    `moe_layer_names`: encoder layers bottom to top, then decoder layers. Sequences are
+    right-padded: the decoder relies on causal masking alone to keep real positions from
+    seeing target padding. `vocab_size` and `pad_id` are the tokenizer's, not the shape's.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        pad_id: int = 0,
-        d_model: int = 256,
-        n_heads: int = 4,
-        d_ff: int = 1024,
-        num_encoder_layers: int = 3,
-        num_decoder_layers: int = 3,
-        num_experts: int = 8,
-        moe_every: int = 2,
-        gate: GateFactory = Top2Gate,
-        activation: str = "relu",
-        capacity_factor: float | None = None,
-        dropout: float = 0.1,
-        tie_embeddings: bool = True,
-    ):
+    def __init__(self, config: TransformerConfig, vocab_size: int, pad_id: int = 0):
         super().__init__()
-        if moe_every < 0:
-            raise ConfigError(f"moe_every must be >= 0, got {moe_every}")
+        c = config
+        if c.moe_every < 0:
+            raise ConfigError(f"moe_every must be >= 0, got {c.moe_every}")
+        self.config = config
         self.pad_id = pad_id
-        self.d_model = d_model
-        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
-        nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+        self.d_model = c.d_model
+        self.embed = nn.Embedding(vocab_size, c.d_model, padding_idx=pad_id)
+        nn.init.normal_(self.embed.weight, std=c.d_model**-0.5)
         self.moe_layer_names: list[str] = []
+        # Which tokens each MoE layer routes, in the order of moe_layer_names: callbacks
+        # that count tokens per layer read this instead of parsing names.
+        self.moe_layer_sides: list[Literal["source", "target"]] = []
 
         def ffn(stack: str, i: int) -> nn.Module:
-            if moe_every and (i + 1) % moe_every == 0:
+            if c.moe_every and (i + 1) % c.moe_every == 0:
                 self.moe_layer_names.append(f"{stack}.{i}")
-                return MoELayer(d_model, d_ff, num_experts, gate(d_model, num_experts), activation, capacity_factor)
-            return FeedForward(d_model, d_ff, activation)
+                self.moe_layer_sides.append("source" if stack == "enc" else "target")
+                return MoELayer(c.d_model, c.d_ff, c.num_experts, c.gate(c.d_model, c.num_experts), c.activation, c.capacity_factor)
+            return FeedForward(c.d_model, c.d_ff, c.activation)
 
-        self.encoder = nn.ModuleList(Block(d_model, n_heads, ffn("enc", i), dropout, cross=False) for i in range(num_encoder_layers))
-        cross = num_encoder_layers > 0  # decoder-only models have nothing to attend across to
-        self.decoder = nn.ModuleList(Block(d_model, n_heads, ffn("dec", i), dropout, cross=cross) for i in range(num_decoder_layers))
-        self.encoder_norm = nn.LayerNorm(d_model)
-        self.decoder_norm = nn.LayerNorm(d_model)
-        self.drop = Dropout(dropout)
-        self.output = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
+        self.encoder = nn.ModuleList(
+            Block(c.d_model, c.n_heads, ffn("enc", i), c.dropout, cross=False) for i in range(c.num_encoder_layers)
+        )
+        cross = c.num_encoder_layers > 0  # decoder-only models have nothing to attend across to
+        self.decoder = nn.ModuleList(
+            Block(c.d_model, c.n_heads, ffn("dec", i), c.dropout, cross=cross) for i in range(c.num_decoder_layers)
+        )
+        self.encoder_norm = nn.LayerNorm(c.d_model)
+        self.decoder_norm = nn.LayerNorm(c.d_model)
+        self.drop = Dropout(c.dropout)
+        self.output = nn.Linear(c.d_model, vocab_size, bias=False)
+        if c.tie_embeddings:
             self.output.weight = self.embed.weight
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in (*self.encoder, *self.decoder) if isinstance(b.ffn, MoELayer)]
-
-    def _ep_group(self):
-        return next((layer.ep_group for layer in self.moe_layers() if layer.ep_group is not None), None)
-
-    def _all_ranks(self, value: int, op) -> int:
-        """With expert parallelism every rank's decoder must take the same steps, so the
-        step count and the stop decision are agreed over the ranks."""
-        group = self._ep_group()
-        if group is None:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=op, group=group)
-        return int(t)
 
     def forward_flops(self, src_tokens: int, tgt_tokens: int, expert_assignments: int) -> int:
         """Forward FLOPs (2 per multiply-add) of the weight matmuls for a batch with these
@@ -202,9 +200,7 @@ class Transformer(nn.Module):
         memory_mask = None if memory_BSD is None else ~src_pad_BS[:, None, None, :]
         x, routings = self._embed(tgt_BS, start), []
         for i, block in enumerate(self.decoder):
-            x, r = block(
-                x, tgt_pad_BS, causal=True, cache=None if cache is None else cache[i], memory=memory_BSD, memory_mask=memory_mask
-            )
+            x, r = block(x, tgt_pad_BS, causal=True, cache=None if cache is None else cache[i], memory=memory_BSD, memory_mask=memory_mask)
             routings += [r] if r is not None else []
         return self.output(self.decoder_norm(x)), routings
 
@@ -240,7 +236,7 @@ class Transformer(nn.Module):
         scores[:, 1:] = float("-inf")  # all beams start identical: keep one alive
         done = torch.zeros(B * K, dtype=torch.bool, device=src_BS.device)
         cache = [{} for _ in self.decoder] if use_cache else None
-        for t in range(self._all_ranks(max_len, dist.ReduceOp.MAX)):
+        for t in range(agree(self, max_len, dist.ReduceOp.MAX)):
             if t >= max_len:  # only keeping other ranks company: freeze every beam
                 done = torch.ones_like(done)
             if use_cache:
@@ -248,18 +244,23 @@ class Transformer(nn.Module):
             else:
                 logits, _ = self.decode(ys, memory, src_pad)
             logp = logits[:, -1].float().log_softmax(-1)
+            # A finished beam may only extend itself with padding, at no cost: its score is
+            # frozen and it competes with the live beams as it is.
             logp[done] = float("-inf")
             logp[done, self.pad_id] = 0.0
             V = logp.shape[-1]
+            # The K best (beam, token) pairs of each sentence, over all K x V extensions.
             scores, flat = (scores.view(-1, 1) + logp).view(B, K * V).topk(K, -1)
             beam_BK, token = flat // V, (flat % V).view(-1)
+            # Row of the parent beam in the flat [B * K] layout: each new beam copies its
+            # parent's tokens, finished flag and cache.
             rows = (beam_BK + torch.arange(B, device=flat.device).unsqueeze(1) * K).view(-1)
             ys = torch.cat([ys[rows], token.unsqueeze(1)], 1)
             done = done[rows] | token.eq(eos_id)
             if cache is not None:
                 for c in cache:
                     c["k"], c["v"] = c["k"][rows], c["v"][rows]
-            if self._all_ranks(int(done.all()), dist.ReduceOp.MIN):
+            if agree(self, int(done.all()), dist.ReduceOp.MIN):
                 break
         out = ys[:, 1 : max_len + 1]
         lengths = out.ne(self.pad_id).sum(1).clamp_min(1).view(B, K).float()
@@ -277,7 +278,7 @@ class Transformer(nn.Module):
         logits, _ = self.decode(prefix_BS, cache=cache)
         done = torch.zeros(prefix_BS.shape[0], dtype=torch.bool, device=prefix_BS.device)
         out = []
-        for t in range(self._all_ranks(max_new_tokens, dist.ReduceOp.MAX)):
+        for t in range(agree(self, max_new_tokens, dist.ReduceOp.MAX)):
             if t >= max_new_tokens:
                 done = torch.ones_like(done)
             last = logits[:, -1].float()
@@ -291,7 +292,7 @@ class Transformer(nn.Module):
             token = token.masked_fill(done, self.pad_id)
             out.append(token)
             done = done | token.eq(eos_id)
-            if self._all_ranks(int(done.all()), dist.ReduceOp.MIN):
+            if agree(self, int(done.all()), dist.ReduceOp.MIN):
                 break
             logits, _ = self.decode(token.unsqueeze(1), cache=cache, start=prefix_BS.shape[1] + t)
         return torch.stack(out, 1)[:, :max_new_tokens]

@@ -38,7 +38,15 @@ def run(configs, curriculum, epochs, extra, out: Path) -> dict:
     name = f"curriculum-{curriculum}"
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", *sum((["--config", c] for c in configs), [])]
     cmd += ["--data.curriculum", curriculum, "--trainer.max_epochs", str(epochs), "--trainer.max_time", "null"]
-    cmd += ["--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false", *extra]
+    cmd += [
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--trainer.logger.init_args.name",
+        name,
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT)
     run_dir = max((out / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     metrics, tb = json.loads((run_dir / "metrics.json").read_text()), scalars(run_dir)
@@ -70,7 +78,9 @@ def main():
     print(f"\n{' '.join(args.config)}, {args.epochs} epochs, logs in {out}")
     # Per token, so that orders with different numbers of steps compare; with --assignment-us (a
     # top-2 MoE layer's time per assignment from benchmarks/moe_layer.py), in modeled seconds.
-    print(f"{'curriculum':<11}{'epoch s':>9}{'EP cost':>11}{'per token':>10}{'imbalance':>10}{'model s':>9}{'batch std':>11}{'random std':>11}"
+    print(
+        f"{'curriculum':<11}{'epoch s':>9}{'EP cost':>11}{'per token':>10}{'imbalance':>10}{'model s':>9}"
+        f"{'batch std':>11}{'random std':>11}"
           f"{'spearman':>10}{'val loss':>10}{'val bleu':>10}")  # fmt: skip
     for c, r in rows.items():
         per_token = r["ep_cost"] / max(r["tokens"], 1)

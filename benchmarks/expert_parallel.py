@@ -18,9 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GATES = {
-    "top-2": ["--model.gate", "adamoe.Top2Gate"],
-    "adaptive": ["--model.gate", "adamoe.AdaptiveGate", "--model.gate.init_args.threshold", "0.1"],
-    "top-1": ["--model.gate", "adamoe.Top1Gate"],
+    "top-2": ["--model.net.gate", "adamoe.Top2Gate"],
+    "adaptive": ["--model.net.gate", "adamoe.AdaptiveGate", "--model.net.gate.init_args.threshold", "0.1"],
+    "top-1": ["--model.net.gate", "adamoe.Top1Gate"],
 }
 
 
@@ -60,7 +60,10 @@ def main():
     print(f"{'gate':<10}{'a2a MB/step':>13}{'max recv/layer':>16}{'EP s/step':>11}{'DDP s/step':>12}{'EP/DDP':>8}")
     for gate in GATES:
         ep, ddp = run(args.config, gate, True, args.steps, out), run(args.config, gate, False, args.steps, out)
-        print(f"{gate:<10}{ep['bytes'] / 1e6:>13.3f}{ep['received_max']:>16.0f}{ep['step_s']:>11.3f}{ddp['step_s']:>12.3f}{ep['step_s'] / ddp['step_s']:>8.2f}")
+        print(
+            f"{gate:<10}{ep['bytes'] / 1e6:>13.3f}{ep['received_max']:>16.0f}{ep['step_s']:>11.3f}{ddp['step_s']:>12.3f}"
+            f"{ep['step_s'] / ddp['step_s']:>8.2f}"
+        )
 
 
 if __name__ == "__main__":

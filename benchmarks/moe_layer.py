@@ -106,7 +106,7 @@ def main():
     assignments = {name: run_moe(layer) for name, layer in rows.items()}
     times = {name: [] for name in [*rows, "naive autograd top-2", "dense FFN", "dense GEMMs"]}
 
-    for i in range(args.warmup + args.repeats):
+    for _ in range(args.warmup + args.repeats):
         for name, layer in rows.items():
             times[name].append(timed(run_moe, layer))
         for name, fn in (("naive autograd top-2", run_naive), ("dense FFN", run_dense), ("dense GEMMs", run_gemms)):

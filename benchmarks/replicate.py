@@ -44,7 +44,7 @@ PAPER = ["--data.init_args.curriculum", "paper"]
 
 
 def threshold(t):
-    return ["--model.init_args.gate.init_args.threshold", str(t), *PAPER]
+    return ["--model.init_args.net.gate.init_args.threshold", str(t), *PAPER]
 
 
 # name -> (gate configs, extra arguments, seeds in a full run)
@@ -93,7 +93,16 @@ def run(name: str, seed: int, args) -> dict:
     common += ["--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(args.logs)]
     common += ["--trainer.logger.init_args.name", f"{args.mode}/{tag}", "--trainer.enable_progress_bar", "false", *args.train_args]
     last = run_dir / "checkpoints" / "last.ckpt"
-    fit = ["fit", *common, "--trainer.logger.init_args.version", "fit", "--trainer.max_steps", str(args.steps), "--trainer.max_time", "null"]
+    fit = [
+        "fit",
+        *common,
+        "--trainer.logger.init_args.version",
+        "fit",
+        "--trainer.max_steps",
+        str(args.steps),
+        "--trainer.max_time",
+        "null",
+    ]
     if last.exists():
         fit += ["--ckpt_path", str(last)]
     test = ["test", *common, "--trainer.logger.init_args.version", "test", "--ckpt_path", str(last)]
@@ -113,13 +122,14 @@ def run(name: str, seed: int, args) -> dict:
         return board[tag][-1][1] if tag in board else None
 
     layers = [t.split("/")[1] for t in tb if t.startswith("experts/") and t.endswith("/two_expert_share_epoch") and "/model/" not in t]
+    init = config["model"]["init_args"]
     return {
         "name": name,
         "seed": seed,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "node": platform.node(), "python": platform.python_version()},
-        "model": {k: v for k, v in config["model"]["init_args"].items() if not isinstance(v, dict)}
-        | {"gate": config["model"]["init_args"]["gate"], "class": config["model"]["class_path"]},
+        "model": {k: v for k, v in {**init, **init["net"]}.items() if not isinstance(v, dict)}
+        | {"gate": init["net"]["gate"], "class": config["model"]["class_path"]},
         "data": {k: v for k, v in config["data"]["init_args"].items() if k != "source"},
         "trainer": {k: config["trainer"][k] for k in ("max_steps", "val_check_interval", "precision", "gradient_clip_val")},
         "commands": commands,
@@ -175,10 +185,11 @@ def report(runs: dict[str, list[dict]], args) -> str:
     step_time = step_record.get("schemes", {})
     # The runs trained with their own commit; the step times are those of the code that measured them.
     measured_with = f" Step times are those of the code at commit `{step_record['commit']}`." if step_record.get("commit") else ""
+    store = args.store.resolve().relative_to(ROOT) if args.store.resolve().is_relative_to(ROOT) else args.store
     out = [
         f"# Replication on Multi30k De→En ({args.mode} run)",
         "",
-        f"Built {datetime.date.today().isoformat()} from the run summaries in `{args.store.resolve().relative_to(ROOT) if args.store.resolve().is_relative_to(ROOT) else args.store}` by "
+        f"Built {datetime.date.today().isoformat()} from the run summaries in `{store}` by "
         f"`python benchmarks/replicate.py --report-only{' --quick' if args.quick else ''}`.",
         "",
         "Model: `configs/multi30k.yaml` + `configs/preset/replicate.yaml` + `configs/preset/paper_shape.yaml`: d_model 256, "
@@ -194,7 +205,6 @@ def report(runs: dict[str, list[dict]], args) -> str:
         "",
         HEAD,
     ]
-
 
     def row(name, label, paper=("", "")):
         rs = runs[name]
@@ -218,7 +228,11 @@ def report(runs: dict[str, list[dict]], args) -> str:
     if step_time:
         shares = ", ".join(f"{n} {v['expert_flop_share']:.1%}" for n, v in step_time.items())
         out.append(f"\nShare of a training step's FLOPs (forward, backward, optimizer) spent in the experts: {shares}.")
-    sweep = [(n, t) for n, t in (("adaptive-T0.05", 0.05), ("adaptive", 0.1), ("adaptive-T0.2", 0.2), ("adaptive-T0.3", 0.3), ("adaptive-T0.4", 0.4)) if n in runs]
+    sweep = [
+        (n, t)
+        for n, t in (("adaptive-T0.05", 0.05), ("adaptive", 0.1), ("adaptive-T0.2", 0.2), ("adaptive-T0.3", 0.3), ("adaptive-T0.4", 0.4))
+        if n in runs
+    ]
     if len(sweep) > 1:
         out += ["", "## Table 5: threshold", "", HEAD]
         out += [row(n, f"T={t}") for n, t in sweep]
@@ -240,7 +254,10 @@ def report(runs: dict[str, list[dict]], args) -> str:
     out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU | fit wall (noisy) |", "|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         for r in rs:
-            out.append(f"| {name} s{r['seed']} | {r['machine']['cpu']} | {r['date'][:10]} | {r['steps']} | {r['test_bleu']:.2f} | {r['fit_wall_s'] / 60:.1f} min |")
+            out.append(
+                f"| {name} s{r['seed']} | {r['machine']['cpu']} | {r['date'][:10]} | {r['steps']} | {r['test_bleu']:.2f} "
+                f"| {r['fit_wall_s'] / 60:.1f} min |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -254,7 +271,9 @@ def load_runs(store: Path) -> dict[str, list[dict]]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k", help="folder of {train,val,test_2016_flickr}.{de,en}.gz")
+    p.add_argument(
+        "--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k", help="folder of {train,val,test_2016_flickr}.{de,en}.gz"
+    )
     p.add_argument("--quick", action="store_true", help="top-2, adaptive and top-1, one seed, a few steps")
     p.add_argument("--steps", type=int, help="training steps of every run (default 900, quick 100)")
     p.add_argument("--budget", type=int, help="the step at which top-2's mean val/loss sets the target (default 650, quick 100)")
@@ -286,7 +305,10 @@ def main():
             r = run(name, seed, args)
             summary.parent.mkdir(parents=True, exist_ok=True)
             summary.write_text(json.dumps(r, indent=1) + "\n")
-            print(f"{summary.name}: {r['steps']} steps, test BLEU {r['test_bleu']:.2f}, {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+            print(
+                f"{summary.name}: {r['steps']} steps, test BLEU {r['test_bleu']:.2f}, {(time.perf_counter() - started) / 60:.1f} min",
+                flush=True,
+            )
     runs = load_runs(args.store)
     if runs:
         kept = args.report.read_text().partition("\n## Discussion")[2] if args.report.exists() else ""

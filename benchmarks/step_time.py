@@ -25,7 +25,7 @@ from replicate import cpu_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from adamoe.data import ParallelText, TranslationData
-from adamoe.module import TranslationModule
+from adamoe.tasks import TranslationModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

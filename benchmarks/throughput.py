@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
 from adamoe.ops import cross_entropy
-from adamoe.transformer import Transformer
+from adamoe.transformer import Transformer, TransformerConfig
 
 V, D, FF, E, LAYERS = 8000, 256, 1024, 8, 4
 DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
@@ -50,7 +50,7 @@ GROUPS = {
 
 
 def ours(gate):
-    model = Transformer(V, 0, D, 4, FF, LAYERS, LAYERS, E, 2, gate, dropout=0.0)
+    model = Transformer(TransformerConfig(D, 4, FF, LAYERS, LAYERS, E, 2, gate, dropout=0.0), V)
 
     def step(src, tgt):
         tgt_in = F.pad(tgt, (1, 0), value=1)[:, :-1]
@@ -208,16 +208,14 @@ def multi30k_batches(data: str | None, n: int) -> list[dict]:
 
 def multi30k_step(args) -> float:
     """Median per-batch time ratio fp32 / bf16-mixed of our Multi30k training step."""
-    from adamoe.module import TranslationModule
+    from adamoe.tasks import TranslationModule
 
     batches = multi30k_batches(args.data, args.batches)
     runs = {}
     for name, dtype in DTYPES.items():
         torch.manual_seed(0)
-        module = TranslationModule(
-            vocab_size=V, d_model=256, n_heads=4, d_ff=1024, num_encoder_layers=3, num_decoder_layers=3, num_experts=8,
-            moe_every=2, dropout=0.2, gate=functools.partial(AdaptiveGate, threshold=0.1),
-        ).train()  # fmt: skip
+        net = TransformerConfig(num_experts=8, moe_every=2, dropout=0.2, gate=functools.partial(AdaptiveGate, threshold=0.1))
+        module = TranslationModule(net=net, vocab_size=V).train()
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
 
         def loss_with_aux(batch, module=module):

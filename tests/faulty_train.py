@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adamoe import module  # noqa: E402
+from adamoe import tasks  # noqa: E402
 from adamoe.cli import entry  # noqa: E402
 
 RANK = os.environ.get("LOCAL_RANK", "0")
@@ -51,7 +51,6 @@ def save_split(self, *args, **kwargs):
         die()
 
 
-
 torch_save = torch.save
 
 
@@ -63,7 +62,6 @@ def save(obj, f, *args, **kwargs):
     f.write(buffer.getvalue()[: buffer.tell() // 2])
     f.flush()
     die()
-
 
 
 def nan_output(module, args, out):
@@ -87,7 +85,7 @@ def poisoned(training_step, layer: str, steps: set[int], armed: bool = True):
     return step
 
 
-validation_step = module.TranslationModule.validation_step
+validation_step = tasks.TranslationModule.validation_step
 
 
 def faulty_validation_step(self, batch, batch_idx):
@@ -101,8 +99,8 @@ def install():
     datasets.Dataset.save_to_disk = save_split
     torch.save = save
     layer, _, steps = os.environ.get("POISON", "").partition(":")
-    module.MoEModule.training_step = poisoned(module.MoEModule.training_step, layer, {int(s) for s in steps.split(",") if s}, ARMED)
-    module.TranslationModule.validation_step = faulty_validation_step
+    tasks.MoEModule.training_step = poisoned(tasks.MoEModule.training_step, layer, {int(s) for s in steps.split(",") if s}, ARMED)
+    tasks.TranslationModule.validation_step = faulty_validation_step
 
 
 if __name__ == "__main__":

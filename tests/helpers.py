@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
 def tiny_config(tmp: Path) -> Path:
@@ -21,15 +22,17 @@ def tiny_config(tmp: Path) -> Path:
             "val_check_interval": 3,
             "log_every_n_steps": 1,
             "enable_progress_bar": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp / "logs"), "name": "tiny"}},
+            "logger": {"class_path": TENSORBOARD, "init_args": {"save_dir": str(tmp / "logs"), "name": "tiny"}},
         },
         "model": {"class_path": "adamoe.TranslationModule", "init_args": {
-            "d_model": 32, "n_heads": 2, "d_ff": 64, "num_encoder_layers": 2, "num_decoder_layers": 2, "num_experts": 4,
-            "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+            "net": {
+                "d_model": 32, "n_heads": 2, "d_ff": 64, "num_encoder_layers": 2, "num_decoder_layers": 2, "num_experts": 4,
+                "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+            },
             "max_decode_len": 20, "beam_size": 2, "predict_output": str(tmp / "pred.txt"),
         }},
         "data": {"class_path": "adamoe.data.TranslationData", "init_args": {
-            "source": {"class_path": "adamoe.data.Synthetic", "init_args": {"train_size": 200, "val_size": 16, "test_size": 12}},
+            "source": {"class_path": "adamoe.data.SyntheticTranslation", "init_args": {"train_size": 200, "val_size": 16, "test_size": 12}},
             "vocab_size": 300, "max_tokens": 400, "cache_dir": str(tmp / "cache"),
         }},
     }  # fmt: skip
@@ -72,14 +75,26 @@ def scalars(run_dir: Path) -> dict:
 
 
 TASKS = {
-    "classification": ("adamoe.ClassificationModule", "adamoe.data.ClassificationData", "adamoe.data.SyntheticSentiment", {"num_encoder_layers": 2}),
-    "causal_lm": ("adamoe.LanguageModelModule", "adamoe.data.LanguageModelData", "adamoe.data.SyntheticText", {"num_decoder_layers": 2, "max_new_tokens": 6}),
+    "classification": (
+        "adamoe.ClassificationModule",
+        "adamoe.data.ClassificationData",
+        "adamoe.data.SyntheticSentiment",
+        {"num_encoder_layers": 2, "num_decoder_layers": 0},
+        {},
+    ),
+    "causal_lm": (
+        "adamoe.LanguageModelModule",
+        "adamoe.data.LanguageModelData",
+        "adamoe.data.SyntheticText",
+        {"num_encoder_layers": 0, "num_decoder_layers": 2},
+        {"max_new_tokens": 6},
+    ),
 }
 
 
 def tiny_task_config(tmp: Path, task: str, steps: int = 30) -> Path:
     """A few-step run of an encoder-only or decoder-only task on its embedded data."""
-    module, data, source, arch = TASKS[task]
+    module, data, source, arch, task_args = TASKS[task]
     cfg = {
         "seed_everything": 0,
         "trainer": {
@@ -87,14 +102,17 @@ def tiny_task_config(tmp: Path, task: str, steps: int = 30) -> Path:
             "val_check_interval": steps // 2,
             "log_every_n_steps": 1,
             "enable_progress_bar": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp / "logs"), "name": task}},
+            "logger": {"class_path": TENSORBOARD, "init_args": {"save_dir": str(tmp / "logs"), "name": task}},
         },
         "model": {"class_path": module, "init_args": {
-            "d_model": 32, "n_heads": 2, "d_ff": 64, "num_experts": 4, "dropout": 0.0, "predict_output": str(tmp / "pred.txt"),
-            "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+            "net": {
+                "d_model": 32, "n_heads": 2, "d_ff": 64, "num_experts": 4, "dropout": 0.0, **arch,
+                "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+            },
+            "predict_output": str(tmp / "pred.txt"),
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
-            "lr_scheduler": {"class_path": "adamoe.module.WarmupInverseSqrt", "init_args": {"warmup_steps": 5}},
-            **arch,
+            "lr_scheduler": {"class_path": "adamoe.schedulers.WarmupInverseSqrt", "init_args": {"warmup_steps": 5}},
+            **task_args,
         }},
         "data": {"class_path": data, "init_args": {
             "source": {"class_path": source, "init_args": {"train_size": 400, "val_size": 16, "test_size": 12}},

@@ -38,7 +38,10 @@ def parallel_files(tmp, de: list[bytes], en: list[bytes], split="train") -> str:
 
 def with_source(tmp, root: str) -> list[str]:
     cfg = yaml.safe_load(tiny_config(tmp).read_text())
-    cfg["data"]["init_args"]["source"] = {"class_path": "adamoe.data.ParallelText", "init_args": {"root": root, "src_lang": "de", "tgt_lang": "en", "test": None}}
+    cfg["data"]["init_args"]["source"] = {
+        "class_path": "adamoe.data.ParallelText",
+        "init_args": {"root": root, "src_lang": "de", "tgt_lang": "en", "test": None},
+    }
     path = tmp / "parallel.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return ["fit", "--config", str(path)]
@@ -49,7 +52,13 @@ def labels_table(tmp, labels: list[int]) -> list[str]:
     for split in ("train", "val"):
         (tmp / f"{split}.tsv").write_text("text\tlabel\n" + rows)
     files = {"train": str(tmp / "train.tsv"), "val": str(tmp / "val.tsv"), "columns": {"text": "text", "label": "label"}}
-    return classification(tmp, "--data.init_args.num_classes", 3, "--data.init_args.source", yaml.safe_dump({"class_path": "adamoe.data.TableFiles", "init_args": files}))
+    return classification(
+        tmp,
+        "--data.init_args.num_classes",
+        3,
+        "--data.init_args.source",
+        yaml.safe_dump({"class_path": "adamoe.data.TableFiles", "init_args": files}),
+    )
 
 
 def truncated(tmp, ckpt) -> str:
@@ -68,36 +77,63 @@ def classification(tmp, *more):
 
 # name -> (arguments for tmp and the fitted checkpoint, what the error line must contain)
 CASES = {
-    "threshold above 1": (lambda t, c: fit(t, "--model.init_args.gate.init_args.threshold", 1.5), "threshold must be in [0, 1], got 1.5"),
-    "threshold below 0": (lambda t, c: fit(t, "--model.init_args.gate.init_args.threshold", -0.1), "threshold must be in [0, 1], got -0.1"),
-    "unknown class_path": (lambda t, c: fit(t, "--model.init_args.gate.class_path", "adamoe.NoSuchGate"), "adamoe.NoSuchGate"),
-    "max_tokens below the longest sequence": (lambda t, c: fit(t, "--data.init_args.max_tokens", 100), "max_tokens=100 cannot hold one sequence of max length 256"),
+    "threshold above 1": (
+        lambda t, c: fit(t, "--model.init_args.net.gate.init_args.threshold", 1.5),
+        "threshold must be in [0, 1], got 1.5",
+    ),
+    "threshold below 0": (
+        lambda t, c: fit(t, "--model.init_args.net.gate.init_args.threshold", -0.1),
+        "threshold must be in [0, 1], got -0.1",
+    ),
+    "unknown class_path": (lambda t, c: fit(t, "--model.init_args.net.gate.class_path", "adamoe.NoSuchGate"), "adamoe.NoSuchGate"),
+    "max_tokens below the longest sequence": (
+        lambda t, c: fit(t, "--data.init_args.max_tokens", 100),
+        "max_tokens=100 cannot hold one sequence of max length 256",
+    ),
     "no batch size at all": (lambda t, c: fit(t, "--data.init_args.max_tokens", "null"), "set max_tokens or batch_size"),
     "vocab_size below the special tokens": (lambda t, c: fit(t, "--data.init_args.vocab_size", 3), "vocab_size=3 leaves no room"),
-    "heads do not divide d_model": (lambda t, c: fit(t, "--model.init_args.n_heads", 5), "d_model 32 is not divisible by n_heads 5"),
-    "adaptive gate with one expert": (lambda t, c: fit(t, "--model.init_args.num_experts", 1), "AdaptiveGate needs at least 2 experts"),
-    "dropout of 1 or more": (lambda t, c: fit(t, "--model.init_args.dropout", 1.0), "dropout must be in [0, 1), got 1.0"),
-    "negative moe_every": (lambda t, c: fit(t, "--model.init_args.moe_every", -1), "moe_every must be >= 0, got -1"),
-    "curriculum without MoE layers": (lambda t, c: fit(t, "--data.init_args.curriculum", "paper", "--model.init_args.moe_every", 0), "no MoE layer"),
+    "heads do not divide d_model": (lambda t, c: fit(t, "--model.init_args.net.n_heads", 5), "d_model 32 is not divisible by n_heads 5"),
+    "adaptive gate with one expert": (lambda t, c: fit(t, "--model.init_args.net.num_experts", 1), "AdaptiveGate needs at least 2 experts"),
+    "dropout of 1 or more": (lambda t, c: fit(t, "--model.init_args.net.dropout", 1.0), "dropout must be in [0, 1), got 1.0"),
+    "negative moe_every": (lambda t, c: fit(t, "--model.init_args.net.moe_every", -1), "moe_every must be >= 0, got -1"),
+    "curriculum without MoE layers": (
+        lambda t, c: fit(t, "--data.init_args.curriculum", "paper", "--model.init_args.net.moe_every", 0),
+        "no MoE layer",
+    ),
     "stop at target without a target": (lambda t, c: fit(t, "--timer.stop_at_target", "true"), "stop_at_target needs a target"),
-    "encoder-only task with a decoder": (lambda t, c: classification(t, "--model.init_args.num_decoder_layers", 2), "encoder-only"),
+    "encoder-only task with a decoder": (lambda t, c: classification(t, "--model.init_args.net.num_decoder_layers", 2), "encoder-only"),
     "fewer than 2 classes": (lambda t, c: classification(t, "--data.init_args.num_classes", 1), "num_classes >= 2, got 1"),
     "label outside num_classes": (lambda t, c: labels_table(t, [0, 1, 3]), "has label 3, outside num_classes=3"),
     "data folder missing": (lambda t, c: with_source(t, str(t / "nowhere")), "nowhere/train.de: file not found"),
     "empty split": (lambda t, c: with_source(t, parallel_files(t, [], [], split="val")), "val.de.gz: empty file"),
     "line counts differ": (lambda t, c: with_source(t, parallel_files(t, [b"ein", b"zwei"], [b"one"])), "train.de.gz has 2 lines"),
-    "not UTF-8": (lambda t, c: with_source(t, parallel_files(t, [b"ein", b"\xff\xfe"], [b"one", b"two"])), "train.de.gz:2: not valid UTF-8"),
+    "not UTF-8": (
+        lambda t, c: with_source(t, parallel_files(t, [b"ein", b"\xff\xfe"], [b"one", b"two"])),
+        "train.de.gz:2: not valid UTF-8",
+    ),
     "empty line": (lambda t, c: with_source(t, parallel_files(t, [b"ein", b"  "], [b"one", b"two"])), "train.de.gz:2: empty line"),
     "checkpoint does not exist": (lambda t, c: fit(t, "--ckpt_path", t / "missing.ckpt"), "missing.ckpt: no such checkpoint file"),
     # `last` is looked up, not read for its arguments: the config's model meets the checkpoint.
     "checkpoint of another model size": (
-        lambda t, c: ["fit", "--config", str(c.parents[3] / "tiny.yaml"), "--model.init_args.d_ff", "48", "--ckpt_path", "last"],
+        lambda t, c: ["fit", "--config", str(c.parents[3] / "tiny.yaml"), "--model.init_args.net.d_ff", "48", "--ckpt_path", "last"],
         "checkpoint does not fit this model",
     ),
-    "checkpoint of another task": (lambda t, c: ["validate", *classification(t)[1:], "--ckpt_path", str(c)], "saved by adamoe.TranslationModule"),
-    "checkpoint file cut short": (lambda t, c: ["validate", "--config", str(tiny_config(t)), "--ckpt_path", truncated(t, c)], "not a readable checkpoint"),
-    "validation interval above an epoch's batches": (lambda t, c: fit(t, "--trainer.val_check_interval", 30, "--trainer.max_steps", 40), "`val_check_interval` (30)"),
-    "log folder is a file": (lambda t, c: fit(t, "--trainer.logger.init_args.save_dir", t / "tiny.yaml" / "logs"), "is not writable: Not a directory"),
+    "checkpoint of another task": (
+        lambda t, c: ["validate", *classification(t)[1:], "--ckpt_path", str(c)],
+        "saved by adamoe.TranslationModule",
+    ),
+    "checkpoint file cut short": (
+        lambda t, c: ["validate", "--config", str(tiny_config(t)), "--ckpt_path", truncated(t, c)],
+        "not a readable checkpoint",
+    ),
+    "validation interval above an epoch's batches": (
+        lambda t, c: fit(t, "--trainer.val_check_interval", 30, "--trainer.max_steps", 40),
+        "`val_check_interval` (30)",
+    ),
+    "log folder is a file": (
+        lambda t, c: fit(t, "--trainer.logger.init_args.save_dir", t / "tiny.yaml" / "logs"),
+        "is not writable: Not a directory",
+    ),
 }
 
 
@@ -115,7 +151,7 @@ def test_bad_input_is_one_line_naming_the_culprit(case, fitted, tmp_path, capsys
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and expected in lines[0], err[-3000:]
     if case == "checkpoint of another model size":
-        assert "model.encoder.1.ffn.experts.w0_EDF: checkpoint (4, 32, 64), model (4, 32, 48)" in lines[0]
+        assert "net.encoder.1.ffn.experts.w0_EDF: checkpoint (4, 32, 64), model (4, 32, 48)" in lines[0]
 
 
 def test_disk_full_while_checkpointing(tmp_path, capsys, monkeypatch):

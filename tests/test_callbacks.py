@@ -5,7 +5,7 @@ import torch
 from helpers import tiny_config, train
 
 from adamoe.callbacks.analysis import count_words, words_of
-from adamoe.callbacks.stats import FIELDS, routing_counts, summarize
+from adamoe.callbacks.stats import FIELDS, TOKENS, TWO_EXPERT, ExpertStats, routing_counts, summarize
 from adamoe.callbacks.timing import EpochTimer, time_to_target
 from adamoe.gates import Routing
 
@@ -48,6 +48,23 @@ def test_stats_are_exact_on_hand_built_routing():
     assert unbalanced["experts/enc.1/load_imbalance"] == pytest.approx(3 / 2)  # loads [3, 1, 2]
 
 
+def test_load_heatmap_has_one_labelled_tick_per_expert():
+    from types import SimpleNamespace
+
+    figures = {}
+    experiment = SimpleNamespace(add_figure=lambda tag, fig, step: figures.setdefault(tag, fig))
+    counts = torch.zeros(2, FIELDS + 6, dtype=torch.float64)
+    counts[:, TOKENS], counts[:, TWO_EXPERT] = 10, 3
+    counts[:, FIELDS:] = torch.arange(12, dtype=torch.float64).view(2, 6)
+    ExpertStats()._figures(SimpleNamespace(logger=SimpleNamespace(experiment=experiment), global_step=0), ["enc.1", "dec.1"], counts)
+    ax = figures["experts/load_heatmap"].axes[0]
+    assert list(ax.get_xticks()) == list(range(6))
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(e) for e in range(6)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["enc.1", "dec.1"]
+    image = ax.get_images()[0].get_array()
+    assert image[1, 5] == pytest.approx(11 / sum(range(6, 12)))  # each row is a layer's share of its assignments
+
+
 def test_bpe_pieces_merge_into_words():
     pieces = ["<s>", "\u2581the", "\u2581ca", "t", "s", "\u2581sat", "</s>", "<pad>"]
     assert words_of(pieces) == [-1, 0, 1, 1, 1, 2, -1, -1]
@@ -63,10 +80,10 @@ def test_forward_flops_match_the_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from adamoe.gates import AdaptiveGate
-    from adamoe.transformer import Transformer
+    from adamoe.transformer import Transformer, TransformerConfig
 
     torch.manual_seed(0)
-    m = Transformer(40, 0, 16, 2, 32, 2, 2, 4, 2, lambda d, e: AdaptiveGate(d, e, threshold=0.3), dropout=0.0)
+    m = Transformer(TransformerConfig(16, 2, 32, 2, 2, 4, 2, lambda d, e: AdaptiveGate(d, e, threshold=0.3), dropout=0.0), vocab_size=40)
     src, tgt = torch.randint(3, 40, (3, 7)), torch.randint(3, 40, (3, 5))
     with FlopCounterMode(display=False) as counter:
         _, routings = m(src, tgt)
@@ -77,7 +94,11 @@ def test_forward_flops_match_the_flop_counter():
 
 
 def test_time_to_target_interpolates_between_validations():
-    curve = [{"train_s": 10.0, "wall_s": 12.0, "value": 5.0}, {"train_s": 20.0, "wall_s": 25.0, "value": 3.0}, {"train_s": 30.0, "wall_s": 40.0, "value": 2.0}]
+    curve = [
+        {"train_s": 10.0, "wall_s": 12.0, "value": 5.0},
+        {"train_s": 20.0, "wall_s": 25.0, "value": 3.0},
+        {"train_s": 30.0, "wall_s": 40.0, "value": 2.0},
+    ]
     assert time_to_target(curve, 4.0) == pytest.approx(15.0)  # halfway from 5 down to 3
     assert time_to_target(curve, 2.5) == pytest.approx(25.0)
     assert time_to_target(curve, 2.5, time="wall_s") == pytest.approx(32.5)

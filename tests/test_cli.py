@@ -37,14 +37,14 @@ def test_test_bleu_is_sacrebleu_of_the_predicted_hypotheses(fitted):
     be sacreBLEU's corpus score of the prediction file against the references, line by line."""
     import sacrebleu
 
-    from adamoe.data import Synthetic
+    from adamoe.data import SyntheticTranslation
 
     tmp, cfg = fitted
     ckpt = tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt"
     out = train("test", "--config", cfg, "--ckpt_path", ckpt, "--trainer.logger.init_args.version", "bleu-test", cwd=tmp)
     train("predict", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp)
     hyps = (tmp / "pred.txt").read_text().splitlines()
-    refs = Synthetic(200, 16, 12).load("test")["target"]
+    refs = SyntheticTranslation(200, 16, 12).load("test")["target"]
     assert len(hyps) == len(refs) == 12
     logged = scalars(tmp / "logs" / "tiny" / "bleu-test")["test/bleu"][-1][1]
     assert logged == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-4), out.stdout[-2000:]
@@ -56,18 +56,16 @@ def test_val_bleu_is_sacrebleu_of_the_decoded_hypotheses(fitted, tmp_path, monke
     import sacrebleu
 
     from adamoe.cli import main
-    from adamoe.data import Synthetic
-    from adamoe.module import TranslationModule
+    from adamoe.data import SyntheticTranslation
+    from adamoe.tasks import TranslationModule
 
     src, cfg = fitted
     monkeypatch.setattr(TranslationModule, "decode", lambda self, batch, beam: [" ".join(t.split()[:-1]) for t in batch["target"]])
     cli = main(["validate", "--config", str(cfg), "--ckpt_path", str(src / "logs" / "tiny" / "checkpoints" / "last.ckpt"),
                 "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
-    refs = Synthetic(200, 16, 12).load("val")["target"]
+    refs = SyntheticTranslation(200, 16, 12).load("val")["target"]
     want = sacrebleu.corpus_bleu([" ".join(t.split()[:-1]) for t in refs], [refs]).score
     assert 10 < want < 100 and float(cli.trainer.callback_metrics["val/bleu"]) == pytest.approx(want, abs=1e-3)
-
-
 
 
 def test_resume_from_last_continues_the_step_in_the_same_folder(fitted, tmp_path, capsys):
@@ -81,7 +79,16 @@ def test_resume_from_last_continues_the_step_in_the_same_folder(fitted, tmp_path
     resumed = tmp_path / "logs" / "tiny" / "run"
     resumed.mkdir()
     (resumed / "config.yaml").write_text("written by the run that was stopped\n")
-    same = ("--config", cfg, "--trainer.max_steps", 9, "--trainer.logger.init_args.save_dir", tmp_path / "logs", "--trainer.logger.init_args.version", "run")
+    same = (
+        "--config",
+        cfg,
+        "--trainer.max_steps",
+        9,
+        "--trainer.logger.init_args.save_dir",
+        tmp_path / "logs",
+        "--trainer.logger.init_args.version",
+        "run",
+    )
     # Starting afresh over a run's folder would mix two runs' logs: refused, with the way to resume.
     assert entry([str(a) for a in ("fit", *same)]) == 2
     assert f"already holds a run: resume it with --ckpt_path {ckpts / 'last.ckpt'}" in capsys.readouterr().err
@@ -97,19 +104,19 @@ def plain_argv(monkeypatch):
 
 
 def test_load_from_checkpoint_rebuilds_the_configured_model(fitted):
-    from adamoe.module import TranslationModule
+    from adamoe.tasks import TranslationModule
 
     tmp, _ = fitted
     model = TranslationModule.load_from_checkpoint(tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt")
-    gates = [layer.gate for layer in model.model.moe_layers()]
+    gates = [layer.gate for layer in model.net.moe_layers()]
     assert gates and all(type(g).__name__ == "AdaptiveGate" and g.threshold == 0.2 for g in gates)
 
 
 def test_gate_threshold_from_the_command_line(tmp_path):
     from adamoe.cli import main
 
-    cli = main(["--config", str(tiny_config(tmp_path)), "--model.gate.init_args.threshold", "0.35"], run=False)
-    gates = [layer.gate for layer in cli.model.model.moe_layers()]
+    cli = main(["--config", str(tiny_config(tmp_path)), "--model.net.gate.init_args.threshold", "0.35"], run=False)
+    gates = [layer.gate for layer in cli.model.net.moe_layers()]
     assert gates and all(g.threshold == 0.35 for g in gates)
     assert cli.model.hparams.vocab_size == 300  # linked from the data config
 
@@ -132,8 +139,11 @@ def merged(*paths) -> dict:
 def test_every_config_builds_the_model_and_data_it_names(config, tmp_path):
     from adamoe.cli import main
 
+    base = ROOT / "configs" / "base.yaml"
     files = [config]
-    if config.parent.name in ("gate", "preset"):
+    if config == base:
+        files = [ROOT / "configs" / "quickstart.yaml"]
+    elif config.parent.name in ("gate", "preset"):
         files = [ROOT / "configs" / "quickstart.yaml", *files]  # they compose with a task config
         if config.name in ("replicate.yaml", "paper_shape.yaml"):
             files = [ROOT / "configs" / "multi30k.yaml", *files[1:]]
@@ -144,24 +154,30 @@ def test_every_config_builds_the_model_and_data_it_names(config, tmp_path):
     if config.name == "ddp.yaml":
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32"]
     cli = main(args, run=False)
-    want = merged(*files)
+    want = merged(base, *files)  # train.py reads configs/base.yaml first
     model, data = want["model"], want["data"]
     assert f"{type(cli.model).__module__.split('.')[0]}.{type(cli.model).__name__}" == model["class_path"]
     assert type(cli.datamodule).__name__ == data["class_path"].rsplit(".", 1)[1]
-    init = model["init_args"]
-    hp = cli.model.hparams
+    init, net = model["init_args"].get("net", {}), cli.model.net.config
     for key in ("d_model", "d_ff", "num_experts", "moe_every", "num_encoder_layers", "num_decoder_layers", "dropout"):
         if key in init:
-            assert hp[key] == init[key], key
-    layers = cli.model.model.moe_layers()
-    every = hp["moe_every"]
-    assert len(layers) == (0 if every == 0 else hp["num_encoder_layers"] // every + hp["num_decoder_layers"] // every)
-    assert all(layer.experts.w0_EDF.shape == (hp["num_experts"], hp["d_model"], hp["d_ff"]) for layer in layers)
+            assert getattr(net, key) == init[key], key
+    layers = cli.model.net.moe_layers()
+    every = net.moe_every
+    assert len(layers) == (0 if every == 0 else net.num_encoder_layers // every + net.num_decoder_layers // every)
+    assert all(layer.experts.w0_EDF.shape == (net.num_experts, net.d_model, net.d_ff) for layer in layers)
     gate = init.get("gate", {}).get("class_path", "adamoe.Top2Gate").rsplit(".", 1)[1]
     assert {type(layer.gate).__name__ for layer in layers} <= {gate}
     if "threshold" in init.get("gate", {}).get("init_args", {}):
         assert all(layer.gate.threshold == init["gate"]["init_args"]["threshold"] for layer in layers)
-    assert cli.datamodule.vocab_size == data["init_args"]["vocab_size"] == hp["vocab_size"]
+    assert cli.datamodule.vocab_size == data["init_args"]["vocab_size"] == cli.model.hparams["vocab_size"]
+    # The trainer, its callbacks and the checkpoint's monitor come from the config files.
+    callbacks = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert {c["class_path"].rsplit(".", 1)[1] for c in want["trainer"]["callbacks"]} | {"Checkpoint", "EpochTimer"} <= callbacks
+    assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == (
+        want["checkpoint"]["monitor"],
+        want["checkpoint"]["mode"],
+    )
 
 
 @pytest.mark.parametrize("task", ["quickstart.yaml", "task/classification.yaml", "task/causal_lm.yaml"])
@@ -171,5 +187,5 @@ def test_gate_configs_compose_with_every_task(task, gate, tmp_path):
 
     cli = main(["--config", str(ROOT / "configs" / task), "--config", str(ROOT / "configs" / "gate" / f"{gate}.yaml"),
                 "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.cache_dir", str(tmp_path)], run=False)  # fmt: skip
-    gates = {type(layer.gate).__name__ for layer in cli.model.model.moe_layers()}
+    gates = {type(layer.gate).__name__ for layer in cli.model.net.moe_layers()}
     assert gates == ({"dense": set(), "top1": {"Top1Gate"}, "top2": {"Top2Gate"}, "adaptive": {"AdaptiveGate"}}[gate])

@@ -73,7 +73,7 @@ def feed_epoch(samplers, seed=0):
     total = [sum(p[k] for p in parts) for k in (0, 1)]
     for s in samplers:
         it = iter(total)
-        s.end_epoch(lambda t: next(it).clone())
+        s.end_epoch(lambda t, it=it: next(it).clone())
     return total
 
 
@@ -89,7 +89,7 @@ def test_two_ranks_compute_the_same_order_and_see_every_sample_once():
     seen = sorted(i for s in ranks for b in s for i in b)
     assert seen == list(range(60))
     total = feed_epoch(ranks, seed=1)
-    assert torch.equal(total[1][:, 0], torch.tensor([float(l) for l in ranks[0].lengths]))  # once each
+    assert torch.equal(total[1][:, 0], torch.tensor([float(n) for n in ranks[0].lengths]))  # once each
 
 
 def test_pooled_order_sorts_each_pool_of_the_curriculum_by_length():
@@ -133,7 +133,7 @@ def test_resume_mid_epoch_through_train_py_counts_every_sample_once_as_a_recount
     no dropout keep the weights and routing of every step those of the checkpoint)."""
     cfg = tiny_config(tmp_path)
     common = ["--config", cfg, "--data.curriculum", "paper", "--trainer.max_epochs", 1, "--trainer.max_steps", -1,
-              "--model.optimizer.lr", 0.0, "--model.dropout", 0.0]  # fmt: skip
+              "--model.optimizer.lr", 0.0, "--model.net.dropout", 0.0]  # fmt: skip
     train("fit", *common, "--trainer.max_steps", 3, cwd=tmp_path)  # stops mid-epoch, after a checkpoint at step 3
     ckpt = tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)["TranslationData"]["train_sampler"]
@@ -142,18 +142,20 @@ def test_resume_mid_epoch_through_train_py_counts_every_sample_once_as_a_recount
     final = torch.load(ckpt, weights_only=True)
     table = final["TranslationData"]["train_sampler"]
     assert final["global_step"] > 3
-    from adamoe.data import Synthetic, TranslationData
-    from adamoe.data.datamodule import collate
-    from adamoe.module import TranslationModule
+    from adamoe.data import SyntheticTranslation, TranslationData
+    from adamoe.data.batch import collate
+    from adamoe.tasks import TranslationModule
 
-    dm = TranslationData(Synthetic(200, 16, 12), vocab_size=300, max_tokens=400, cache_dir=str(tmp_path / "cache"), curriculum="paper")
+    dm = TranslationData(
+        SyntheticTranslation(200, 16, 12), vocab_size=300, max_tokens=400, cache_dir=str(tmp_path / "cache"), curriculum="paper"
+    )
     dm.setup("fit")
     ds = dm.splits["train"]
     model = TranslationModule.load_from_checkpoint(ckpt).train()
     two, tokens = torch.zeros(200, 2, dtype=torch.float64), torch.zeros(200, 2, dtype=torch.float64)
     with torch.no_grad():
         for b in dm.train_sampler.global_batches():  # epoch 0's batches, as trained
-            batch = collate(b, src_ids=ds["src_ids"], tgt_ids=ds["tgt_ids"])
+            batch = collate(b, {"src": ds["src"], "tgt": ds["tgt"]})
             _, (enc, dec) = model(batch)
             two[b] = torch.stack([enc.two_expert_counts(len(b)), dec.two_expert_counts(len(b))], 1).double()
             tokens[b] = torch.stack([(~batch["src_pad"]).sum(1), (~batch["tgt_pad"]).sum(1)], 1).double()
@@ -167,12 +169,14 @@ def test_resume_mid_epoch_through_train_py_counts_every_sample_once_as_a_recount
 def test_validation_follows_each_epoch_whatever_its_number_of_batches(tmp_path):
     from helpers import scalars
 
-    from adamoe.data import Synthetic, TranslationData
+    from adamoe.data import SyntheticTranslation, TranslationData
 
     cfg = tiny_config(tmp_path)
     train("fit", "--config", cfg, "--data.curriculum", "random", "--trainer.max_epochs", 3, "--trainer.max_steps", -1,
           "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # fmt: skip
-    dm = TranslationData(Synthetic(200, 16, 12), vocab_size=300, max_tokens=400, cache_dir=str(tmp_path / "cache"), curriculum="random")
+    dm = TranslationData(
+        SyntheticTranslation(200, 16, 12), vocab_size=300, max_tokens=400, cache_dir=str(tmp_path / "cache"), curriculum="random"
+    )
     dm.setup("fit")
     ends, step = [], 0
     for epoch in range(3):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from adamoe.data import DataError, ParallelText, Synthetic, TableFiles, TranslationData
+from adamoe.data import DataError, ParallelText, SyntheticTranslation, TableFiles, TranslationData
 from adamoe.data import tokenizer as bpe
 from adamoe.data.batching import ShardedBatchSampler
 
@@ -64,7 +64,10 @@ def test_table_files_tsv_jsonl_and_errors(tmp_path):
     tsv = write(tmp_path / "t.tsv", "de\ten\nhallo\thello\nwelt\tworld\n")
     assert TableFiles(str(tsv), str(tsv), columns={"source": "de", "target": "en"}).load("train")["target"] == ["hello", "world"]
     jl = write(tmp_path / "t.jsonl", "".join(json.dumps({"translation": {"de": d, "en": e}}) + "\n" for d, e in [("a", "b"), ("c", "d")]))
-    assert TableFiles(str(jl), str(jl), columns={"source": "translation.de", "target": "translation.en"}).load("val")["source"] == ["a", "c"]
+    assert TableFiles(str(jl), str(jl), columns={"source": "translation.de", "target": "translation.en"}).load("val")["source"] == [
+        "a",
+        "c",
+    ]
     with pytest.raises(DataError, match=r"t\.tsv: no column 'fr'; columns are \['de', 'en'\]"):
         TableFiles(str(tsv), str(tsv), columns={"source": "fr", "target": "en"}).load("train")
     holes = write(tmp_path / "h.tsv", "de\ten\nhallo\thello\nwelt\t\n")
@@ -83,7 +86,12 @@ def test_table_files_parquet(tmp_path):
 
 
 def small_data(tmp_path, **kw):
-    args = dict(source=Synthetic(train_size=300, val_size=20, test_size=20), vocab_size=300, max_tokens=512, cache_dir=str(tmp_path / "cache"))
+    args = dict(
+        source=SyntheticTranslation(train_size=300, val_size=20, test_size=20),
+        vocab_size=300,
+        max_tokens=512,
+        cache_dir=str(tmp_path / "cache"),
+    )
     args.update(kw)
     return TranslationData(**args)
 
@@ -126,14 +134,14 @@ def test_second_run_reuses_the_cached_tokenizer(tmp_path, monkeypatch):
 def test_too_long_is_reported_filtered_or_truncated(tmp_path):
     dm = small_data(tmp_path, max_source_len=8)
     dm.prepare_data()
-    with pytest.raises(DataError, match=r"train: \d+ of 300 samples \(\d+\.\d+%\) have src_ids longer than 8"):
+    with pytest.raises(DataError, match=r"train: \d+ of 300 samples \(\d+\.\d+%\) have a source longer than 8"):
         dm.setup("fit")
     dm = small_data(tmp_path, max_source_len=8, too_long="filter")
     dm.setup("fit")
-    assert 0 < len(dm.splits["train"]) < 300 and max(map(len, dm.splits["train"]["src_ids"])) <= 8
+    assert 0 < len(dm.splits["train"]) < 300 and max(map(len, dm.splits["train"]["src"])) <= 8
     dm = small_data(tmp_path, max_source_len=8, too_long="truncate")
     dm.setup("fit")
-    ids = dm.splits["train"]["src_ids"]
+    ids = dm.splits["train"]["src"]
     assert len(ids) == 300 and max(map(len, ids)) == 8 and all(s[-1] == bpe.EOS_ID for s in ids)
 
 
@@ -157,7 +165,10 @@ def test_sharded_batches_cover_every_sample_once_with_equal_steps(order):
 
 def test_none_is_a_seeded_shuffle_that_changes_every_epoch():
     lengths = [5] * 40
-    a, b = ShardedBatchSampler(lengths, batch_size=8, order="random", seed=1), ShardedBatchSampler(lengths, batch_size=8, order="random", seed=1)
+    a, b = (
+        ShardedBatchSampler(lengths, batch_size=8, order="random", seed=1),
+        ShardedBatchSampler(lengths, batch_size=8, order="random", seed=1),
+    )
     assert list(a) == list(b)
     first = list(a)
     a.set_epoch(1)
@@ -198,9 +209,9 @@ def test_cache_is_rebuilt_when_anything_it_depends_on_changes(tmp_path, monkeypa
 
     assert TranslationData(ParallelText(str(root), "de", "en"), vocab_size=41, cache_dir=str(tmp_path / "cache")).dataset_dir != built
     synthetic = dict(train_size=10, val_size=2, test_size=2)
-    embedded = TranslationData(Synthetic(**synthetic), cache_dir=str(tmp_path / "cache"))
+    embedded = TranslationData(SyntheticTranslation(**synthetic), cache_dir=str(tmp_path / "cache"))
     assert embedded.dataset_dir != TranslationData(SyntheticSentiment(**synthetic), cache_dir=str(tmp_path / "cache")).dataset_dir
-    assert embedded.dataset_dir != ClassificationData(Synthetic(**synthetic), cache_dir=str(tmp_path / "cache")).dataset_dir
+    assert embedded.dataset_dir != ClassificationData(SyntheticTranslation(**synthetic), cache_dir=str(tmp_path / "cache")).dataset_dir
     import os
     import time
 
@@ -211,4 +222,4 @@ def test_cache_is_rebuilt_when_anything_it_depends_on_changes(tmp_path, monkeypa
     assert changed.dataset_dir != built
     changed.prepare_data()
     changed.setup("fit")
-    assert changed.decode(changed.splits["train"]["tgt_ids"][1]) == "z q"
+    assert changed.decode(changed.splits["train"]["tgt"][1]) == "z q"

@@ -10,10 +10,10 @@ import yaml
 from helpers import scalars, tiny_config, train
 
 from adamoe.data import TranslationData
+from adamoe.data.batch import collate
 from adamoe.data.batching import ShardedBatchSampler
-from adamoe.data.datamodule import collate
-from adamoe.data.sources import Synthetic
-from adamoe.module import TranslationModule
+from adamoe.data.sources import SyntheticTranslation
+from adamoe.tasks import TranslationModule
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", 2, "--trainer.accelerator", "cpu"]
 
@@ -24,7 +24,21 @@ def ddp_run(tmp_path_factory):
     cfg = tiny_config(tmp)
     # lr 0 keeps the weights of the checkpoint equal to those every logged step used,
     # so the test can recount each rank's routing on its own.
-    train("fit", "--config", cfg, *DDP, "--model.optimizer.lr", 0.0, "--model.dropout", 0.0, "--timer.target", 100.0, "--analysis.min_count", 2, cwd=tmp)
+    train(
+        "fit",
+        "--config",
+        cfg,
+        *DDP,
+        "--model.optimizer.lr",
+        0.0,
+        "--model.net.dropout",
+        0.0,
+        "--timer.target",
+        100.0,
+        "--analysis.min_count",
+        2,
+        cwd=tmp,
+    )
     return tmp, cfg
 
 
@@ -33,12 +47,12 @@ def test_logged_expert_counts_are_the_sum_over_ranks(ddp_run):
     run = tmp / "logs" / "tiny" / "version_0"
     model = TranslationModule.load_from_checkpoint(tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt").train()
     dm, ds = train_split(cfg)
-    lengths = [max(len(s), len(t)) for s, t in zip(ds["src_ids"], ds["tgt_ids"])]
+    lengths = [max(len(s), len(t)) for s, t in zip(ds["src"], ds["tgt"])]
     tokens, two, load = 0, 0, 0
     with torch.no_grad():
         for rank in (0, 1):
             first = next(iter(ShardedBatchSampler(lengths, dm.max_tokens, None, "length", dm.seed, 2, rank)))
-            batch = collate(first, src_ids=ds["src_ids"], tgt_ids=ds["tgt_ids"])
+            batch = collate(first, {"src": ds["src"], "tgt": ds["tgt"]})
             _, routings = model(batch)
             enc = routings[0]  # enc.1
             tokens += enc.num_tokens
@@ -58,7 +72,12 @@ def test_logged_expert_counts_are_the_sum_over_ranks(ddp_run):
 
 def train_split(cfg):
     data_cfg = yaml.safe_load(cfg.read_text())["data"]["init_args"]
-    dm = TranslationData(Synthetic(**data_cfg["source"]["init_args"]), vocab_size=data_cfg["vocab_size"], max_tokens=data_cfg["max_tokens"], cache_dir=data_cfg["cache_dir"])
+    dm = TranslationData(
+        SyntheticTranslation(**data_cfg["source"]["init_args"]),
+        vocab_size=data_cfg["vocab_size"],
+        max_tokens=data_cfg["max_tokens"],
+        cache_dir=data_cfg["cache_dir"],
+    )
     dm.setup("fit")
     return dm, dm.splits["train"]
 
@@ -69,7 +88,7 @@ def test_epoch_time_throughput_and_time_to_target(ddp_run):
     _, ds = train_split(cfg)
     # The first epoch is whole: both ranks together saw every training token once.
     first = metrics["epochs"][0]
-    assert first["tokens"] == sum(len(s) + len(t) for s, t in zip(ds["src_ids"], ds["tgt_ids"]))
+    assert first["tokens"] == sum(len(s) + len(t) for s, t in zip(ds["src"], ds["tgt"]))
     assert first["tokens_per_s"] == pytest.approx(first["tokens"] / first["max_s"])
     done = metrics["epochs"]
     assert metrics["tokens_per_s"] == pytest.approx(sum(e["tokens"] for e in done) / sum(e["max_s"] for e in done))
@@ -83,7 +102,11 @@ def test_epoch_time_throughput_and_time_to_target(ddp_run):
 def test_routing_analysis_lists_whole_words(ddp_run):
     tmp, cfg = ddp_run
     rows = list(csv.DictReader(open(tmp / "logs" / "tiny" / "version_0" / "routing_words.tsv"), delimiter="\t"))
-    dm = TranslationData(Synthetic(**yaml.safe_load(cfg.read_text())["data"]["init_args"]["source"]["init_args"]), vocab_size=300, cache_dir=str(tmp / "cache"))
+    dm = TranslationData(
+        SyntheticTranslation(**yaml.safe_load(cfg.read_text())["data"]["init_args"]["source"]["init_args"]),
+        vocab_size=300,
+        cache_dir=str(tmp / "cache"),
+    )
     dm.setup("validate")
     words = {w for col in ("source", "target") for line in dm.splits["val"][col] for w in line.split()}
     assert rows and {r["layer"] for r in rows} == {"enc.1", "dec.1"}
@@ -114,15 +137,22 @@ def test_curriculum_under_ddp_keeps_one_full_table(tmp_path):
           "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # fmt: skip
     table = torch.load(tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)["TranslationData"]["train_sampler"]
     assert table["epoch"] == 1 and table["order"] == "paper"
-    dm = TranslationData(Synthetic(200, 16, 12), vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    dm = TranslationData(SyntheticTranslation(200, 16, 12), vocab_size=300, cache_dir=str(tmp_path / "cache"))
     dm.setup("fit")
-    src_len = torch.tensor([float(len(s)) for s in dm.splits["train"]["src_ids"]])
+    src_len = torch.tensor([float(len(s)) for s in dm.splits["train"]["src"]])
     # Rank 0's checkpoint holds both ranks' counts, each sample once (the epoch-end checkpoint
     # may come before or after the counts become the table).
     counted = table["epoch_tokens_NL"] + table.get("tokens_NL", 0) * (table["epoch_tokens_NL"].sum() == 0)
     assert torch.equal(counted[:, 0], src_len)
     logged = scalars(tmp_path / "logs" / "tiny" / "version_0")
-    for tag in ("curriculum/spearman", "curriculum/within_batch_std", "curriculum/within_batch_std_random", "curriculum/ep_cost", "curriculum/ep_assignments", "val/loss"):
+    for tag in (
+        "curriculum/spearman",
+        "curriculum/within_batch_std",
+        "curriculum/within_batch_std_random",
+        "curriculum/ep_cost",
+        "curriculum/ep_assignments",
+        "val/loss",
+    ):
         assert len(logged[tag]) == 2  # validation at the end of each epoch, however many batches the order made
     # The expert-parallel cost, recomputed from the per-step load histograms (summed over
     # ranks): with 4 experts over 8 modeled GPUs each group is one expert, so a step and
@@ -146,12 +176,24 @@ def test_curriculum_under_ddp_keeps_one_full_table(tmp_path):
 def test_expert_parallel_fit_checkpoint_validates_the_same_in_one_process(tmp_path):
     cfg = tiny_config(tmp_path)
     # lr 0: the checkpoint's weights are those of the first step, whose exchange is recounted below.
-    train("fit", "--config", cfg, *DDP, "--model.expert_parallel", "true", "--model.optimizer.lr", 0.0, "--model.dropout", 0.0, cwd=tmp_path)
+    train(
+        "fit",
+        "--config",
+        cfg,
+        *DDP,
+        "--model.expert_parallel",
+        "true",
+        "--model.optimizer.lr",
+        0.0,
+        "--model.net.dropout",
+        0.0,
+        cwd=tmp_path,
+    )
     run = tmp_path / "logs" / "tiny" / "version_0"
     fit_loss = json.loads((run / "metrics.json").read_text())["final"]["val/loss"]
     ckpt = tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)
-    assert state["state_dict"]["model.encoder.1.ffn.experts.w0_EDF"].shape[0] == 4  # all experts, gathered
+    assert state["state_dict"]["net.encoder.1.ffn.experts.w0_EDF"].shape[0] == 4  # all experts, gathered
     train("validate", "--config", cfg, "--ckpt_path", ckpt, "--trainer.devices", 1, cwd=tmp_path)
     assert scalars(tmp_path / "logs" / "tiny" / "version_1")["val/loss"][-1][1] == pytest.approx(fit_loss, rel=1e-5)
     # ... and resumes training on one device, optimizer state included.
@@ -160,12 +202,12 @@ def test_expert_parallel_fit_checkpoint_validates_the_same_in_one_process(tmp_pa
     # Recount the first step's exchange: rank r holds experts 2r and 2r+1 of every layer.
     model = TranslationModule.load_from_checkpoint(ckpt).train()
     dm, ds = train_split(cfg)
-    lengths = [max(len(s), len(t)) for s, t in zip(ds["src_ids"], ds["tgt_ids"])]
+    lengths = [max(len(s), len(t)) for s, t in zip(ds["src"], ds["tgt"])]
     load = {}
     with torch.no_grad():
         for rank in (0, 1):
             first = next(iter(ShardedBatchSampler(lengths, dm.max_tokens, None, "length", dm.seed, 2, rank)))
-            for i, r in enumerate(model(collate(first, src_ids=ds["src_ids"], tgt_ids=ds["tgt_ids"]))[1]):
+            for i, r in enumerate(model(collate(first, {"src": ds["src"], "tgt": ds["tgt"]}))[1]):
                 load[rank, i] = r.expert_load_E.tolist()
     logged, sent_bytes = scalars(run), 0
     for i, name in enumerate(("enc.1", "dec.1")):
@@ -187,20 +229,38 @@ def test_predict_under_ddp_writes_line_i_for_input_i(ddp_run):
     # same string; noise makes each input decode differently.
     state = torch.load(tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
     g = torch.Generator().manual_seed(0)
-    state["state_dict"] = {k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    state["state_dict"] = {
+        k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state["state_dict"].items()
+    }
     ckpt = tmp / "noisy.ckpt"
     torch.save(state, ckpt)
     out = tmp / "ddp-predictions.txt"
-    train("predict", "--config", cfg, "--ckpt_path", ckpt, *DDP, "--model.beam_size", 1, "--model.max_decode_len", 8, "--model.predict_output", out, cwd=tmp)
+    train(
+        "predict",
+        "--config",
+        cfg,
+        "--ckpt_path",
+        ckpt,
+        *DDP,
+        "--model.beam_size",
+        1,
+        "--model.max_decode_len",
+        8,
+        "--model.predict_output",
+        out,
+        cwd=tmp,
+    )
     lines = out.read_text().splitlines()
     model = TranslationModule.load_from_checkpoint(ckpt).eval()
     data_cfg = yaml.safe_load(cfg.read_text())["data"]["init_args"]
-    dm = TranslationData(Synthetic(**data_cfg["source"]["init_args"]), vocab_size=data_cfg["vocab_size"], cache_dir=data_cfg["cache_dir"])
+    dm = TranslationData(
+        SyntheticTranslation(**data_cfg["source"]["init_args"]), vocab_size=data_cfg["vocab_size"], cache_dir=data_cfg["cache_dir"]
+    )
     dm.setup("predict")
     expected = []
     with torch.no_grad():
-        for ids in dm.splits["test"]["src_ids"]:
-            tokens = model.model.generate(torch.tensor([ids]), dm.bos_id, dm.eos_id, 8)[0].tolist()
+        for ids in dm.splits["test"]["src"]:
+            tokens = model.net.generate(torch.tensor([ids]), dm.bos_id, dm.eos_id, 8)[0].tolist()
             expected.append(dm.decode(tokens))
     assert len(set(expected)) > 3  # inputs decode differently, so a shuffled file would show
     assert lines == expected

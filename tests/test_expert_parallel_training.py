@@ -1,5 +1,7 @@
 """Expert-parallel training steps and checkpoints over 2 CPU processes (gloo), against one
-process holding every expert and both ranks' batches."""
+process holding every expert and both ranks' batches. The optimizer has two parameter
+groups (no weight decay on norms and biases), as forks often do, so that a position in the
+optimizer's state is not a position in `parameters()`."""
 
 import copy
 import os
@@ -10,17 +12,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from adamoe.data.datamodule import collate
-from adamoe.module import TranslationModule
+from adamoe.data.batch import collate
+from adamoe.tasks import TranslationModule
+from adamoe.transformer import TransformerConfig
 
-ARGS = dict(vocab_size=40, d_model=16, n_heads=2, d_ff=24, num_encoder_layers=2, num_decoder_layers=2, num_experts=4, dropout=0.0)
+ARGS = dict(
+    vocab_size=40,
+    net=TransformerConfig(d_model=16, n_heads=2, d_ff=24, num_encoder_layers=2, num_decoder_layers=2, num_experts=4, dropout=0.0),
+)
 EXPERT = ("w0_EDF", "w1_EFD")
 
 
 def batches(step: int, rank: int) -> dict:
     g = torch.Generator().manual_seed(100 * step + rank)
     seqs = [torch.randint(4, 40, (int(n),), generator=g).tolist() + [2] for n in torch.randint(3, 9, (5,), generator=g)]
-    return collate(list(range(5)), src_ids=seqs, tgt_ids=[s[::-1][1:] + [2] for s in seqs])
+    return collate(list(range(5)), {"src": seqs, "tgt": [s[::-1][1:] + [2] for s in seqs]})
 
 
 def loss_of(module, batch):
@@ -28,15 +34,21 @@ def loss_of(module, batch):
     return loss + sum(r.aux_loss for r in routings)
 
 
-def attach_gather(module):
-    """The one trainer service the checkpoint hooks use: an all-gather over the ranks."""
+def adamw(module):
+    """Decay on matrices only. Listing the no-decay group first puts the expert weights at
+    other positions of the optimizer state than in `module.parameters()`."""
+    params = list(module.parameters())
+    groups = [{"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}, {"params": [p for p in params if p.dim() >= 2]}]
+    return torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1)
 
-    def all_gather(t, group=None, sync_grads=False):
-        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, t.contiguous())
-        return torch.stack(out)
 
-    module._trainer = SimpleNamespace(strategy=SimpleNamespace(all_gather=all_gather), world_size=dist.get_world_size())
+def checkpoint(module, opt):
+    """What Lightning does when it saves: the state, then the module's hook (here the only
+    trainer service it uses is the list of optimizers)."""
+    module._trainer = SimpleNamespace(optimizers=[opt])
+    ckpt = {"state_dict": module.state_dict(), "optimizer_states": [opt.state_dict()]}
+    module.on_save_checkpoint(ckpt)
+    return ckpt
 
 
 def shard_of(t, rank):
@@ -61,7 +73,7 @@ def _train_save_resume(rank):
     module = TranslationModule(**ARGS, expert_parallel=True).double()
     ref = copy.deepcopy(module)
     module.configure_model()  # shards every MoE layer and divides expert gradients by W
-    opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1) for m in (module, ref))
+    opt, ref_opt = adamw(module), adamw(ref)
     for step in range(2):
         loss_of(module, batches(step, rank)).backward()
         for name, p in module.named_parameters():  # what DDP does to every weight it does not ignore
@@ -76,11 +88,9 @@ def _train_save_resume(rank):
         assert_matches(module, opt, ref, ref_opt, rank)
 
     # W=2 -> 1: the saved checkpoint holds every expert and its optimizer state.
-    attach_gather(module)
-    ckpt = {"state_dict": module.state_dict(), "optimizer_states": [opt.state_dict()]}
-    module.on_save_checkpoint(ckpt)
+    ckpt = checkpoint(module, opt)
     single = TranslationModule(**ARGS).double()
-    single_opt = torch.optim.AdamW(single.parameters(), lr=0.01, weight_decay=0.1)
+    single_opt = adamw(single)
     single.load_state_dict(ckpt["state_dict"])
     single_opt.load_state_dict(ckpt["optimizer_states"][0])
     for a, b in zip(single.parameters(), ref.parameters()):
@@ -90,13 +100,13 @@ def _train_save_resume(rank):
 
     # W=1 -> 2: the one-process checkpoint is sliced back onto each rank, and a third
     # step on both sides still agrees.
-    full = {"state_dict": copy.deepcopy(ref.state_dict()), "optimizer_states": [copy.deepcopy(ref_opt.state_dict())]}
+    full = copy.deepcopy(checkpoint(ref, ref_opt))
     torch.manual_seed(1)  # other initial weights: everything must come from the checkpoint
     resumed = TranslationModule(**ARGS, expert_parallel=True).double()
     resumed.configure_model()
     resumed.on_load_checkpoint(full)
     resumed.load_state_dict(full["state_dict"])
-    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=0.01, weight_decay=0.1)
+    resumed_opt = adamw(resumed)
     resumed_opt.load_state_dict(full["optimizer_states"][0])
     assert_matches(resumed, resumed_opt, ref, ref_opt, rank)
     loss_of(resumed, batches(2, rank)).backward()

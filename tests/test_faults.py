@@ -110,7 +110,7 @@ def test_ddp_dead_rank_fails_fast_and_the_resumed_run_is_the_same_run(tmp_path_f
 def poison(monkeypatch, layer: str, steps: set[int]):
     from faulty_train import poisoned
 
-    from adamoe.module import MoEModule
+    from adamoe.tasks import MoEModule
 
     monkeypatch.setattr(MoEModule, "training_step", poisoned(MoEModule.training_step, layer, steps))
 
@@ -129,35 +129,35 @@ def assert_finite_checkpoint_at(tmp_path, step: int):
 
 
 def test_nan_stops_with_the_step_layer_and_last_checkpoint(tmp_path, monkeypatch, capsys):
-    poison(monkeypatch, "model.encoder.1.ffn", {4})
+    poison(monkeypatch, "net.encoder.1.ffn", {4})
     code, err = fit_in_process("--trainer.max_steps", 8, tmp_path=tmp_path, capsys=capsys)
     line = err.strip().splitlines()[-1]
-    assert code == 2 and "step 4" in line and "model.encoder.1.ffn" in line and "last.ckpt" in line, err[-3000:]
+    assert code == 2 and "step 4" in line and "net.encoder.1.ffn" in line and "last.ckpt" in line, err[-3000:]
     assert "Traceback" not in err
     assert_finite_checkpoint_at(tmp_path, 3)
 
 
 def test_nan_on_one_ddp_rank_stops_both_with_that_rank_named(tmp_path):
     args = ddp("fit", "--config", tiny_config(tmp_path), "--trainer.max_steps", 8)
-    out = run(*args, cwd=tmp_path, POISON="model.encoder.1.ffn:4", FAULT_RANK="1")
+    out = run(*args, cwd=tmp_path, POISON="net.encoder.1.ffn:4", FAULT_RANK="1")
     assert out.returncode == 2, out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
-    assert "step 4" in line and "on rank 1" in line and "model.encoder.1.ffn" in line and "last.ckpt" in line, line
+    assert "step 4" in line and "on rank 1" in line and "net.encoder.1.ffn" in line and "last.ckpt" in line, line
     assert "Traceback" not in out.stderr
     assert_finite_checkpoint_at(tmp_path, 3)
 
 
 def test_nan_steps_skipped_counted_then_stopped(tmp_path, monkeypatch, capsys):
     common = ["--nonfinite.action", "skip", "--nonfinite.max_consecutive", 2]
-    poison(monkeypatch, "model.decoder.1.ffn", {2, 4})
+    poison(monkeypatch, "net.decoder.1.ffn", {2, 4})
     code, err = fit_in_process(*common, tmp_path=tmp_path, capsys=capsys)
     assert code == 0, err[-3000:]
     assert scalars(tmp_path / "logs" / "tiny" / "version_0")["train/skipped_steps"][-1][1] == 2
     assert_finite_checkpoint_at(tmp_path, 6)
 
-    poison(monkeypatch, "model.decoder.1.ffn", {1, 2, 3})
+    poison(monkeypatch, "net.decoder.1.ffn", {1, 2, 3})
     code, err = fit_in_process(*common, tmp_path=tmp_path, capsys=capsys)
-    assert code == 2 and "(3 in a row)" in err and "model.decoder.1.ffn" in err, err[-3000:]
+    assert code == 2 and "(3 in a row)" in err and "net.decoder.1.ffn" in err, err[-3000:]
 
 
 def test_skipped_step_leaves_weights_and_optimizer_state_alone():
@@ -198,7 +198,10 @@ def test_rank0_data_error_in_prepare_stops_every_rank(tmp_path):
         (data / f"{split}.de").write_text("ein Hund\nzwei Katzen\n")
         (data / f"{split}.en").write_text("a dog\n")
     cfg = yaml.safe_load(tiny_config(tmp_path).read_text())
-    cfg["data"]["init_args"]["source"] = {"class_path": "adamoe.data.ParallelText", "init_args": {"root": str(data), "src_lang": "de", "tgt_lang": "en", "test": None}}
+    cfg["data"]["init_args"]["source"] = {
+        "class_path": "adamoe.data.ParallelText",
+        "init_args": {"root": str(data), "src_lang": "de", "tgt_lang": "en", "test": None},
+    }
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = run(*ddp("fit", "--config", path), cwd=tmp_path, timeout=120)
@@ -233,8 +236,8 @@ def test_kill_at_random_moments_then_resume(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     while len(kills) < 20:
         before = last_step(ckpts)
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(cfg), "--ckpt_path", "last"], cwd=tmp_path, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        command = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(cfg), "--ckpt_path", "last"]
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         delay = rng.uniform(2.0, 15.0)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

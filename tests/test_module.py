@@ -1,21 +1,23 @@
 import pytest
 import torch
 
-from adamoe.data.datamodule import collate
+from adamoe.data.batch import collate
 from adamoe.gates import AdaptiveGate, Top1Gate
-from adamoe.module import TranslationModule, WarmupInverseSqrt
+from adamoe.schedulers import WarmupInverseSqrt
+from adamoe.tasks import TranslationModule
+from adamoe.transformer import TransformerConfig
 
 
 def tiny_module(**kw):
-    args = dict(vocab_size=50, d_model=16, n_heads=2, d_ff=32, num_encoder_layers=2, num_decoder_layers=2, num_experts=4, dropout=0.0)
-    args.update(kw)
-    return TranslationModule(**args)
+    net = dict(d_model=16, n_heads=2, d_ff=32, num_encoder_layers=2, num_decoder_layers=2, num_experts=4, dropout=0.0)
+    net |= {k: kw.pop(k) for k in list(kw) if k in net or k == "gate"}
+    return TranslationModule(net=TransformerConfig(**net), vocab_size=50, **kw)
 
 
 def batch():
     g = torch.Generator().manual_seed(0)
     src = [torch.randint(4, 50, (n,), generator=g).tolist() + [2] for n in (5, 7, 3)]
-    return collate([0, 1, 2], src_ids=src, tgt_ids=src, target=["a", "b", "c"])
+    return collate([0, 1, 2], {"src": src, "tgt": src, "target": ["a", "b", "c"]})
 
 
 def test_inference_gate_routes_with_the_trained_routers():
@@ -40,8 +42,8 @@ def test_inference_gate_routes_with_the_trained_routers():
 def test_loss_includes_aux_and_ignores_padding():
     m = tiny_module(label_smoothing=0.0)
     b = batch()
-    smoothed, nll, ntokens, routings = m._losses(b)
-    assert ntokens == int((~b["tgt_pad"]).sum())
+    smoothed, nll, routings = m._losses(b)
+    ntokens = int((~b["tgt_pad"]).sum())
     assert smoothed.item() == pytest.approx(nll.item())
     aux = sum(r.aux_loss for r in routings)
     assert aux > 0 and m.training_step(b, 0).item() == pytest.approx((nll + aux).item())
@@ -54,7 +56,7 @@ def test_loss_includes_aux_and_ignores_padding():
         m_src = int((~b["src_pad"][i]).sum())
         alone.update(src=alone["src"][:, :m_src], src_pad=alone["src_pad"][:, :m_src])
         total += m._losses(alone)[1].item() * n
-    assert nll.item() == pytest.approx(total / int(ntokens), rel=1e-5)
+    assert nll.item() == pytest.approx(total / ntokens, rel=1e-5)
 
 
 def test_warmup_inverse_sqrt_schedule():
@@ -70,7 +72,7 @@ def test_warmup_inverse_sqrt_schedule():
 
 
 def test_warmup_cosine_schedule():
-    from adamoe.module import WarmupCosine
+    from adamoe.schedulers import WarmupCosine
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = WarmupCosine(opt, total_steps=12, warmup_steps=2, min_ratio=0.1)
@@ -86,13 +88,14 @@ def test_warmup_cosine_schedule():
 
 @pytest.mark.parametrize("pooling", ["mean", "first"])
 def test_classification_pools_the_first_state_or_the_mean_of_real_ones(pooling):
-    from adamoe.module import ClassificationModule
+    from adamoe.tasks import ClassificationModule
 
     torch.manual_seed(0)
-    m = ClassificationModule(vocab_size=50, d_model=16, n_heads=2, d_ff=32, num_encoder_layers=2, num_experts=4, dropout=0.0, pooling=pooling)
+    net = TransformerConfig(d_model=16, n_heads=2, d_ff=32, num_encoder_layers=2, num_decoder_layers=0, num_experts=4, dropout=0.0)
+    m = ClassificationModule(net=net, vocab_size=50, pooling=pooling)
     b = batch()
     logits, _ = m(b)
-    states, _ = m.model.encode(b["src"], b["src_pad"])
+    states, _ = m.net.encode(b["src"], b["src_pad"])
     for i in range(3):
         n = int((~b["src_pad"][i]).sum())
         pooled = states[i, 0] if pooling == "first" else states[i, :n].mean(0)

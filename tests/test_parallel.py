@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
 from adamoe.moe import MoELayer
-from adamoe.transformer import Transformer
+from adamoe.transformer import Transformer, TransformerConfig
 
 GATES = {"top1": Top1Gate, "top2": Top2Gate, "adaptive": lambda d, e: AdaptiveGate(d, e, threshold=0.3)}
 
@@ -89,7 +89,7 @@ def test_expert_parallel_layer_matches_one_process_for_every_gate():
 
 def _model_case(rank, gate_name):
     torch.manual_seed(0)
-    full = Transformer(30, 0, 16, 2, 32, 2, 2, 4, 2, GATES[gate_name], dropout=0.0).double()
+    full = Transformer(TransformerConfig(16, 2, 32, 2, 2, 4, 2, GATES[gate_name], dropout=0.0), vocab_size=30).double()
     src, tgt = torch.randint(3, 30, (4, 7)), torch.randint(3, 30, (4, 5))
     src[0, 5:] = 0
     logits_full, _ = full(src, tgt)

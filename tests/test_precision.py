@@ -16,7 +16,7 @@ def test_bf16_mixed_loss_curve_follows_fp32(tmp_path):
     config = yaml.safe_load(cfg.read_text())
     config["model"]["init_args"] |= {
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01, "fused": True}},
-        "lr_scheduler": {"class_path": "adamoe.module.WarmupInverseSqrt", "init_args": {"warmup_steps": 5}},
+        "lr_scheduler": {"class_path": "adamoe.schedulers.WarmupInverseSqrt", "init_args": {"warmup_steps": 5}},
     }
     cfg.write_text(yaml.safe_dump(config))
     curves = {}

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from helpers import scalars, tiny_task_config, train
 
 from adamoe import ClassificationModule, LanguageModelModule
-from adamoe.data.datamodule import collate
+from adamoe.data.batch import collate
+from adamoe.transformer import TransformerConfig
+
+LM_NET = TransformerConfig(d_model=16, n_heads=2, d_ff=32, num_encoder_layers=0, num_decoder_layers=2, num_experts=2, dropout=0.0)
 
 
 @pytest.mark.parametrize("task", ["classification", "causal_lm"])
@@ -33,18 +36,19 @@ def test_task_trains_then_validates_tests_and_predicts_from_the_checkpoint(task,
 
 def test_classification_metrics_are_exact_on_a_hand_made_batch():
     torch.manual_seed(0)
-    m = ClassificationModule(num_classes=3, vocab_size=20, d_model=8, n_heads=2, d_ff=16, num_encoder_layers=1, num_experts=2)
-    assert len(ClassificationModule(**m.hparams).model.decoder) == 0  # its saved hyperparameters rebuild it
+    net = TransformerConfig(d_model=8, n_heads=2, d_ff=16, num_encoder_layers=1, num_decoder_layers=0, num_experts=2)
+    m = ClassificationModule(num_classes=3, vocab_size=20, net=net)
+    assert len(ClassificationModule(**m.hparams).net.decoder) == 0  # its saved hyperparameters rebuild it
     with pytest.raises(ValueError, match="encoder-only"):
-        ClassificationModule(vocab_size=20, num_decoder_layers=2)
-    batch = collate([0, 1, 2, 3, 4], src_ids=[[5, 2]] * 5, label=[0, 1, 2, 2, 1])
+        ClassificationModule(vocab_size=20, net=TransformerConfig(num_decoder_layers=2))
+    batch = collate([0, 1, 2, 3, 4], {"src": [[5, 2]] * 5, "label": [0, 1, 2, 2, 1]})
     # Fix the logits: predictions 0, 1, 1, 2, 0 against labels 0, 1, 2, 2, 1.
     logits = torch.tensor([[3.0, 0, 0], [0, 3, 0], [0, 3, 0], [0, 0, 3], [3, 0, 0]])
     m.forward = lambda b: (logits, [])
-    m._evaluate("val", batch)
-    acc = m.metrics["val"]["acc"].compute().item()
-    f1 = m.metrics["val"]["f1"].compute().item()
-    loss = m.metrics["val"]["loss"].compute().item()
+    m.validation_step(batch, 0)
+    acc = m.stage_metrics["val"]["acc"].compute().item()
+    f1 = m.stage_metrics["val"]["f1"].compute().item()
+    loss = m.stage_metrics["val"]["loss"].compute().item()
     assert acc == pytest.approx(3 / 5)
     # Per class: 0: P 1/2 R 1 -> 2/3; 1: P 1/2 R 1/2 -> 1/2; 2: P 1 R 1/2 -> 2/3.
     assert f1 == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
@@ -53,12 +57,12 @@ def test_classification_metrics_are_exact_on_a_hand_made_batch():
 
 def test_lm_perplexity_is_exp_of_the_mean_token_loss():
     torch.manual_seed(0)
-    m = LanguageModelModule(vocab_size=30, d_model=16, n_heads=2, d_ff=32, num_decoder_layers=2, num_experts=2, dropout=0.0).eval()
+    m = LanguageModelModule(vocab_size=30, net=LM_NET).eval()
     texts = [[5, 6, 7, 2], [8, 2], [9, 10, 11, 12, 13, 2]]
-    batches = [collate([0, 1], tgt_ids=texts), collate([2], tgt_ids=texts)]
+    batches = [collate([0, 1], {"tgt": texts}), collate([2], {"tgt": texts})]
     total, count = 0.0, 0
     for b in batches:
-        m._evaluate(m.val_loss, b)
+        m.validation_step(b, 0)
         logits, _ = m(b)
         for row in range(b["tgt_out"].shape[0]):
             for t in range(b["tgt_out"].shape[1]):
@@ -66,7 +70,7 @@ def test_lm_perplexity_is_exp_of_the_mean_token_loss():
                     total += -torch.log_softmax(logits[row, t], -1)[b["tgt_out"][row, t]].item()
                     count += 1
     logged = {}
-    m.log_epoch = logged.update
+    m.log_dict = lambda values, **kw: logged.update(values)
     m.on_validation_epoch_end()
     assert logged["val/loss"].item() == pytest.approx(total / count, rel=1e-5)
     assert logged["val/ppl"].item() == pytest.approx(math.exp(total / count), rel=1e-5)
@@ -74,13 +78,13 @@ def test_lm_perplexity_is_exp_of_the_mean_token_loss():
 
 def test_decoder_only_has_no_cross_attention_and_cached_continuation_matches():
     torch.manual_seed(0)
-    m = LanguageModelModule(vocab_size=30, d_model=16, n_heads=2, d_ff=32, num_decoder_layers=2, num_experts=2, dropout=0.0).eval()
-    assert all(b.cross_attn is None for b in m.model.decoder) and len(m.model.encoder) == 0
+    m = LanguageModelModule(vocab_size=30, net=LM_NET).eval()
+    assert all(b.cross_attn is None for b in m.net.decoder) and len(m.net.encoder) == 0
     prompt = torch.randint(3, 30, (3, 4))
-    out = m.model.continue_text(prompt, eos_id=2, max_new_tokens=5)
+    out = m.net.continue_text(prompt, eos_id=2, max_new_tokens=5)
     ys = prompt
     for _ in range(out.shape[1]):  # greedy without the cache
-        logits, _ = m.model.decode(ys)
+        logits, _ = m.net.decode(ys)
         ys = torch.cat([ys, logits[:, -1].argmax(-1, keepdim=True)], 1)
     for row in range(3):
         ref = ys[row, 4:].tolist()
@@ -100,8 +104,8 @@ def test_lm_data_packs_texts_without_dropping_any_token(tmp_path):
     padded.setup("fit")
     packed = LanguageModelData(src, vocab_size=40, max_tokens=256, pack_to=4, cache_dir=str(tmp_path / "cache"))
     packed.setup("fit")
-    stream = [t for ids in padded.splits["train"]["tgt_ids"] for t in ids]
-    blocks = packed.splits["train"]["tgt_ids"]
+    stream = [t for ids in padded.splits["train"]["tgt"] for t in ids]
+    blocks = packed.splits["train"]["tgt"]
     assert [t for b in blocks for t in b] == stream and all(len(b) == 4 for b in blocks[:-1])
     assert sorted(i for b in packed.train_dataloader() for i in b["index"].tolist()) == list(range(len(blocks)))
 

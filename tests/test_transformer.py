@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
-from adamoe.transformer import Transformer
+from adamoe.transformer import Transformer, TransformerConfig
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -16,15 +16,16 @@ def toy_batch(n=16, length=7, vocab=20, seed=0):
     return src, tgt
 
 
-def model(gate=lambda d, e: AdaptiveGate(d, e, threshold=0.2), **kw):
-    args = dict(vocab_size=20, d_model=32, n_heads=4, d_ff=64, num_encoder_layers=2, num_decoder_layers=2, num_experts=4, dropout=0.0)
+def model(gate=lambda d, e: AdaptiveGate(d, e, threshold=0.2), vocab_size=20, **kw):
+    args = dict(d_model=32, n_heads=4, d_ff=64, num_encoder_layers=2, num_decoder_layers=2, num_experts=4, dropout=0.0)
     args.update(kw)
-    return Transformer(gate=gate, **args)
+    return Transformer(TransformerConfig(gate=gate, **args), vocab_size)
 
 
 def test_moe_layers_and_routing_order():
     m = model(num_encoder_layers=4, num_decoder_layers=3)
     assert m.moe_layer_names == ["enc.1", "enc.3", "dec.1"]
+    assert m.moe_layer_sides == ["source", "source", "target"]
     src, tgt = toy_batch()
     logits, routings = m(src, tgt)
     assert logits.shape == (*tgt.shape, 20) and len(routings) == 3
@@ -130,7 +131,9 @@ def test_beam_search_wide_enough_equals_exhaustive_search(length_penalty, monkey
         expected = exhaustive_best(table, L, length_penalty)
         early += EOS in expected[:-1]
         with torch.no_grad():
-            got = m.generate(torch.tensor([[3, 4, 2]]), BOS, EOS, L, beam_size=V**L, length_penalty=length_penalty, use_cache=False)[0].tolist()
+            got = m.generate(torch.tensor([[3, 4, 2]]), BOS, EOS, L, beam_size=V**L, length_penalty=length_penalty, use_cache=False)[
+                0
+            ].tolist()
         assert got + [PAD] * (L - len(got)) == expected, f"seed {seed}"
     if length_penalty == 0.0:
         assert early  # unnormalized scores favour short sequences: finished beams were picked

@@ -59,11 +59,10 @@ class RoutingAnalysis(Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer, pl_module):
-        model, dm = pl_module.model, trainer.datamodule
+        model, dm = pl_module.net, trainer.datamodule
         names = model.moe_layer_names
         if not names:
             return
-        n_enc = sum(name.startswith("enc.") for name in names)
         seen = [Counter() for _ in names]
         two = [Counter() for _ in names]
         was_training = model.training
@@ -71,8 +70,8 @@ class RoutingAnalysis(Callback):
         for batch in dm.val_dataloader():
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             _, routings = pl_module(batch)
-            for i, r in enumerate(routings):
-                tokens = batch["src"] if i < n_enc else batch["tgt_in"]
+            for i, (r, side) in enumerate(zip(routings, model.moe_layer_sides)):
+                tokens = batch["src"] if side == "source" else batch["tgt_in"]
                 s, t = count_words(tokens, r.experts_per_token_T.view(tokens.shape) >= 2, dm.tokenizer.id_to_token)
                 seen[i].update(s)
                 two[i].update(t)

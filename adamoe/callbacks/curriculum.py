@@ -3,8 +3,8 @@
 import torch
 from lightning.pytorch import Callback
 
+from adamoe.data.batch import token_counts
 from adamoe.data.batching import spearman
-from adamoe.data.datamodule import token_counts
 
 
 class Curriculum(Callback):
@@ -44,12 +44,10 @@ class Curriculum(Callback):
         routings = pl_module.train_routings
         if not routings:
             return
-        names = pl_module.model.moe_layer_names
-        n_enc = sum(n.startswith("enc.") for n in names)
         B = batch["index"].shape[0]
-        real = token_counts(batch)
+        src_B, tgt_B = token_counts(batch)
         two_BL = torch.stack([r.two_expert_counts(B) for r in routings], 1)
-        tokens_BL = torch.stack([real[0] if i < n_enc else real[1] for i in range(len(routings))], 1)
+        tokens_BL = torch.stack([src_B if side == "source" else tgt_B for side in pl_module.net.moe_layer_sides], 1)
         trainer.datamodule.train_sampler.record(batch["index"], two_BL, tokens_BL)
         self.loads.append(torch.stack([r.expert_load_E for r in routings]).double())
 
@@ -74,13 +72,13 @@ class Curriculum(Callback):
         summed = sampler.end_epoch(lambda t: self._reduce(trainer, t))
         metrics = {}
         if self.loads:
-            loads_SLE = self._reduce(trainer, torch.stack(self.loads))
-            E = loads_SLE.shape[-1]
+            loads_ILE = self._reduce(trainer, torch.stack(self.loads))
+            E = loads_ILE.shape[-1]
             groups = min(self.ep_ranks, E)
             if E % groups == 0:
-                metrics["curriculum/ep_cost"] = float(loads_SLE.view(*loads_SLE.shape[:2], groups, -1).sum(-1).amax(-1).sum())
+                metrics["curriculum/ep_cost"] = float(loads_ILE.view(*loads_ILE.shape[:2], groups, -1).sum(-1).amax(-1).sum())
                 # With this, groups x ep_cost / ep_assignments is the imbalance factor (1 = even).
-                metrics["curriculum/ep_assignments"] = float(loads_SLE.sum())
+                metrics["curriculum/ep_assignments"] = float(loads_ILE.sum())
         if summed is not None:
             two, tokens = summed
             share_N = two.sum(1) / tokens.sum(1).clamp_min(1)

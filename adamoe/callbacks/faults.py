@@ -48,7 +48,9 @@ class NonFiniteGuard(Callback):
             self.skipped += 1
             optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the optimizer
             pl_module.log("train/skipped_steps", float(self.skipped), reduce_fx="max", batch_size=1)
-            rank_zero_warn(f"step {trainer.global_step}: non-finite loss or gradient on {bad_ranks} rank(s), step skipped ({self.skipped} so far)")
+            rank_zero_warn(
+                f"step {trainer.global_step}: non-finite loss or gradient on {bad_ranks} rank(s), step skipped ({self.skipped} so far)"
+            )
             return
         raise TrainingError(self._message(trainer, pl_module))
 
@@ -98,7 +100,7 @@ def diagnose(pl_module, batch) -> str:
             h.remove()
     if first:
         return f"first non-finite output from layer {names[first[0]]} ({type(first[0]).__name__})"
-    layer_names = getattr(pl_module.model, "moe_layer_names", [])
+    layer_names = getattr(pl_module.net, "moe_layer_names", [])
     for name, r in zip(layer_names, routings):
         if not torch.isfinite(r.aux_loss).all():
             return f"the aux loss of MoE layer {name} is not finite"
@@ -134,7 +136,9 @@ class RandomState(Callback):
         if state is None:
             return
         if state["per_rank"].shape[0] != trainer.world_size:
-            rank_zero_warn(f"checkpoint saved with {state['per_rank'].shape[0]} ranks, resumed with {trainer.world_size}: random streams start anew")
+            rank_zero_warn(
+                f"checkpoint saved with {state['per_rank'].shape[0]} ranks, resumed with {trainer.world_size}: random streams start anew"
+            )
             return
         row = state["per_rank"][trainer.global_rank]
         n_torch = torch.get_rng_state().numel()

@@ -98,14 +98,18 @@ class Checkpoint(ModelCheckpoint):
 
 class MetricsSummary(Callback):
     """Writes `metrics.json` to the run folder at the end of fit: the final and the best
-    validation metrics (best by `monitor`), and the wall time of fit."""
+    validation metrics (best by `monitor`; by default the checkpoint's monitor), and the
+    wall time of fit."""
 
-    def __init__(self, monitor: str = "val/loss", mode: str = "min"):
+    def __init__(self, monitor: str | None = None, mode: str = "min"):
         if mode not in ("min", "max"):
             raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
         self.monitor, self.mode = monitor, mode
 
     def on_fit_start(self, trainer, pl_module):
+        ckpt = trainer.checkpoint_callback
+        if self.monitor is None:
+            self.monitor, self.mode = (ckpt.monitor, ckpt.mode) if ckpt is not None and ckpt.monitor else ("val/loss", "min")
         self.start = time.perf_counter()
         self.best: dict | None = None
         self.last: dict = {}
@@ -127,7 +131,12 @@ class MetricsSummary(Callback):
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero or log_dir is None:
             return
-        summary = {"final": self.last, "best": self.best, "wall_time_s": time.perf_counter() - self.start, "global_step": trainer.global_step}
+        summary = {
+            "final": self.last,
+            "best": self.best,
+            "wall_time_s": time.perf_counter() - self.start,
+            "global_step": trainer.global_step,
+        }
         update_metrics_json(log_dir, summary)
         ckpt = trainer.checkpoint_callback
         where = [f"Run logs:    {log_dir}  (metrics.json, config.yaml, TensorBoard events)"]

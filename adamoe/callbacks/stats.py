@@ -4,7 +4,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from adamoe.data.datamodule import token_counts
+from adamoe.data.batch import token_counts
 from adamoe.gates import Routing
 
 # Columns of a layer's count row; expert loads follow.
@@ -17,7 +17,9 @@ def routing_counts(routings: list[Routing]) -> Tensor:
     rows = []
     for r in routings:
         head = torch.tensor(
-            [r.num_tokens, 0, r.token_index_N.numel(), r.dropped, 0, 0, 1, r.ep_received, r.ep_bytes], dtype=torch.float64, device=r.expert_load_E.device
+            [r.num_tokens, 0, r.token_index_N.numel(), r.dropped, 0, 0, 1, r.ep_received, r.ep_bytes],
+            dtype=torch.float64,
+            device=r.expert_load_E.device,
         )
         head[TWO_EXPERT] = (r.experts_per_token_T >= 2).sum()
         head[ENTROPY] = r.router_entropy.detach()
@@ -87,10 +89,10 @@ class ExpertStats(Callback):
         if self.batches:
             counts = self._log(trainer, pl_module, self.epoch_counts, self.epoch_tokens, "_epoch")
             if counts is not None and trainer.is_global_zero:
-                self._figures(trainer, pl_module.model.moe_layer_names, counts)
+                self._figures(trainer, pl_module.net.moe_layer_names, counts)
 
     def _log(self, trainer, pl_module, counts, tokens, suffix):
-        model = pl_module.model
+        model = pl_module.net
         # Every rank reduces, also those with nothing to say: the collectives must match.
         # Reductions may work in place, and the step and epoch sums can share a tensor: copy.
         tokens = trainer.strategy.reduce(tokens.clone(), reduce_op="sum")
@@ -132,7 +134,9 @@ class ExpertStats(Callback):
         share = (load / load.sum(1, keepdim=True).clamp_min(1)).numpy()
         fig, ax = plt.subplots(figsize=(max(5, 1.5 + 0.4 * load.shape[1]), max(3, 1 + 0.4 * len(names))), layout="constrained")
         im = ax.imshow(share, cmap="viridis", aspect="auto")
-        ax.set(xticks=range(load.shape[1]), yticks=range(len(names)), yticklabels=names, xlabel="expert", title="share of assignments per expert")
+        E = load.shape[1]
+        ax.set(xticks=range(E), xticklabels=[str(e) for e in range(E)], yticks=range(len(names)), yticklabels=names)
+        ax.set(xlabel="expert", title="share of assignments per expert")
         fig.colorbar(im, ax=ax)
         experiment.add_figure("experts/load_heatmap", fig, trainer.global_step)
         two = (counts[:, TWO_EXPERT] / counts[:, TOKENS].clamp_min(1)).cpu().numpy()

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch import Callback
 
 from adamoe.callbacks.run import update_metrics_json
-from adamoe.data.datamodule import token_counts
+from adamoe.data.batch import token_counts
 from adamoe.errors import ConfigError
 
 
@@ -87,11 +87,19 @@ class EpochTimer(Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
             return
-        self.curve.append({"step": trainer.global_step, "wall_s": self.val_start - self.fit_start, "train_s": train_s, "value": float(value)})
+        self.curve.append(
+            {"step": trainer.global_step, "wall_s": self.val_start - self.fit_start, "train_s": train_s, "value": float(value)}
+        )
         if self.target is None or self.reached is not None:
             return
         if (float(value) <= self.target) if self.mode == "min" else (float(value) >= self.target):
-            self.reached = {"seconds": self.val_start - self.fit_start, "train_s": train_s, "step": trainer.global_step, "epoch": trainer.current_epoch, "value": float(value)}
+            self.reached = {
+                "seconds": self.val_start - self.fit_start,
+                "train_s": train_s,
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "value": float(value),
+            }
             if trainer.logger is not None:
                 trainer.logger.log_metrics({"time/to_target_s": self.reached["seconds"]}, step=trainer.global_step)
             trainer.should_stop = trainer.should_stop or self.stop_at_target

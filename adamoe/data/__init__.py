@@ -1,17 +1,19 @@
+from adamoe.data.batch import Batch, collate
 from adamoe.data.datamodule import ClassificationData, LanguageModelData, TextData, TranslationData
 from adamoe.data.sources import (
     DataError,
     DataSource,
+    Generated,
     HubDataset,
     ParallelText,
-    Synthetic,
     SyntheticSentiment,
     SyntheticText,
+    SyntheticTranslation,
     TableFiles,
     TextLines,
 )
 
 __all__ = [
-    "ClassificationData", "DataError", "DataSource", "HubDataset", "LanguageModelData", "ParallelText", "Synthetic",
-    "SyntheticSentiment", "SyntheticText", "TableFiles", "TextData", "TextLines", "TranslationData",
+    "Batch", "ClassificationData", "DataError", "DataSource", "Generated", "HubDataset", "LanguageModelData", "ParallelText",
+    "SyntheticSentiment", "SyntheticText", "SyntheticTranslation", "TableFiles", "TextData", "TextLines", "TranslationData", "collate",
 ]  # fmt: skip

@@ -104,8 +104,17 @@ class ShardedBatchSampler(Sampler[list[int]]):
     mid-epoch continues the same order where it stopped.
     """
 
-    def __init__(self, lengths: list[int], max_tokens: int | None = None, batch_size: int | None = None, order: str = "length",
-                 seed: int = 0, num_replicas: int = 1, rank: int = 0, pool: int = 0):
+    def __init__(
+        self,
+        lengths: list[int],
+        max_tokens: int | None = None,
+        batch_size: int | None = None,
+        order: str = "length",
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        pool: int = 0,
+    ):
         if not max_tokens and not batch_size:
             raise ConfigError("set max_tokens or batch_size")
         if order not in ORDERS:
@@ -200,7 +209,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def load_state_dict(self, state: dict):
         self.epoch, self.consumed = state["epoch"], state["consumed"]
         if state["order"] != self.order:
-            warnings.warn(f"resuming with order {self.order!r} from a run with {state['order']!r}: the epoch restarts")
+            warnings.warn(f"resuming with order {self.order!r} from a run with {state['order']!r}: the epoch restarts", stacklevel=2)
             self.consumed = 0
         self.two_NL, self.tokens_NL = state.get("two_NL"), state.get("tokens_NL")
         self.epoch_two_NL, self.epoch_tokens_NL = state.get("epoch_two_NL"), state.get("epoch_tokens_NL")

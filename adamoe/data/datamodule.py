@@ -1,8 +1,7 @@
 """LightningDataModules for text tasks: read, check, tokenize, cache, batch.
 
-One base, `TextData`, does the work; a task names the text columns it encodes and how:
-`TranslationData` (source -> `src`, target -> `tgt_*`), `ClassificationData` (text ->
-`src`, plus `label`), `LanguageModelData` (text -> `tgt_*`)."""
+One base, `TextData`, does the work; a task declares which columns it tokenizes into
+which side of the batch (`COLUMNS`) and which it passes through as they are (`KEEP`)."""
 
 import os
 import shutil
@@ -18,35 +17,23 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from adamoe.data import tokenizer as bpe
+from adamoe.data.batch import collate
 from adamoe.data.batching import ShardedBatchSampler
-from adamoe.data.sources import SPLITS, DataError, DataSource, Synthetic, SyntheticSentiment, SyntheticText, digest
+from adamoe.data.sources import SPLITS, DataError, DataSource, SyntheticSentiment, SyntheticText, SyntheticTranslation, digest
 from adamoe.errors import ConfigError
 
 # Part of every cache key: raise it whenever a change to the preprocessing code changes
 # the tokenized result, so that no cache made by older code is read.
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 
 
 class TextData(LightningDataModule):
-    """Text from any `DataSource`, one joint BPE vocabulary, token-budget batches.
+    """Text from any `DataSource`, one joint BPE vocabulary, token-budget batches of
+    `adamoe.data.batch.Batch`. The README's "Training on your own data" and "Curriculum"
+    say what the settings do."""
 
-    Every batch is a dict with, as the task has them: `src` [B, S] token ids and `tgt_in`/
-    `tgt_out` [B, T] (right-padded; `tgt_in` starts with <s>, `tgt_out` and `src` end with
-    </s>), their padding masks `src_pad` and `tgt_pad` (True at padding), `label` [B], the
-    reference strings `target`, and always the dataset `index` of each sample.
-
-    Training batches follow `curriculum`: `none` is length-bucketed shuffled batches (least
-    padding), `random` a plain seeded shuffle, `paper` the curriculum of Li et al. (2023)
-    from the routing of the previous epoch (first epoch: `random`), `reverse` the same
-    order backwards. `curriculum_pool` > 0 sorts each run of that many samples of the
-    order by length, to keep padding low. See `adamoe.data.batching`; the `Curriculum` callback feeds it.
-
-    Sequences longer than `max_source_len`/`max_target_len` tokens (</s> included) are
-    reported per split, then handled by `too_long`: `error` stops with the count, `filter`
-    leaves them out, `truncate` cuts them (and keeps </s>).
-    """
-
-    COLUMNS: dict[str, str] = {}  # source column -> the ids it becomes
+    COLUMNS: dict[str, str] = {}  # a column to tokenize -> the batch side it becomes: "src" or "tgt"
+    KEEP: tuple[str, ...] = ()  # columns that go into the batch as they are
 
     def __init__(
         self,
@@ -72,7 +59,7 @@ class TextData(LightningDataModule):
         self.source = source
         self.vocab_size = vocab_size
         self.max_tokens, self.batch_size = max_tokens, batch_size
-        self.max_len = {ids: {"src_ids": max_source_len, "tgt_ids": max_target_len}[ids] for ids in self.COLUMNS.values()}
+        self.max_len = {side: {"src": max_source_len, "tgt": max_target_len}[side] for side in self.COLUMNS.values()}
         self.too_long = too_long
         self.curriculum, self.curriculum_pool = curriculum, curriculum_pool
         self.predict_split = predict_split
@@ -90,7 +77,13 @@ class TextData(LightningDataModule):
         """Everything that decides the tokenized splits: the preprocessing code's version, this
         task's class and columns, and the source (its class, settings and files). A task
         whose settings change the cached data adds them here."""
-        return [CACHE_VERSION, f"{type(self).__module__}.{type(self).__qualname__}", repr(self.COLUMNS), self.source.fingerprint()]
+        return [
+            CACHE_VERSION,
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            repr(self.COLUMNS),
+            repr(self.KEEP),
+            self.source.fingerprint(),
+        ]
 
     @property
     def tokenizer_path(self) -> Path:
@@ -111,13 +104,15 @@ class TextData(LightningDataModule):
         for split, ds in raw.items():
             missing = [c for c in self.required_columns() if ds is not None and c not in ds.column_names]
             if missing:
-                raise DataError(f"{type(self.source).__name__} {split}: no column {missing} for {type(self).__name__}; it has {ds.column_names}")
+                raise DataError(
+                    f"{type(self.source).__name__} {split}: no column {missing} for {type(self).__name__}; it has {ds.column_names}"
+                )
         raw = self.prepare_columns(raw)
         tok, cached = bpe.load_or_train(self.tokenizer_path, (t for col in self.COLUMNS for t in raw["train"][col]), self.vocab_size)
         rank_zero_info(f"{'Reusing' if cached else 'Trained'} BPE tokenizer {self.tokenizer_path} ({tok.get_vocab_size()} tokens)")
 
         def encode(rows):
-            return {ids: [e.ids + [bpe.EOS_ID] for e in tok.encode_batch(rows[col])] for col, ids in self.COLUMNS.items()}
+            return {side: [e.ids + [bpe.EOS_ID] for e in tok.encode_batch(rows[col])] for col, side in self.COLUMNS.items()}
 
         # Built aside and renamed into place: a killed run leaves no half cache to be read.
         for stale in self.dataset_dir.parent.glob(f".{self.dataset_dir.name}.*.tmp"):  # left by a killed run
@@ -146,7 +141,7 @@ class TextData(LightningDataModule):
             self.train_sampler = self._sampler("train", order, self.curriculum_pool)
 
     def required_columns(self) -> list[str]:
-        return list(self.COLUMNS)
+        return list(dict.fromkeys([*self.COLUMNS, *self.KEEP]))
 
     def prepare_columns(self, raw: dict) -> dict:
         """Task-specific conversion of the raw splits before tokenizing."""
@@ -171,7 +166,8 @@ class TextData(LightningDataModule):
             long = [i for i, ids in enumerate(ds[col]) if len(ids) > limit]
             if not long:
                 continue
-            what = f"{split}: {len(long)} of {len(ds)} samples ({len(long) / len(ds):.2%}) have {col} longer than {limit} tokens"
+            side = "source" if col == "src" else "target"
+            what = f"{split}: {len(long)} of {len(ds)} samples ({len(long) / len(ds):.2%}) have a {side} longer than {limit} tokens"
             if self.too_long == "error":
                 raise DataError(f"{what} (first: sample {long[0]}). Raise the limit, or set too_long to 'filter' or 'truncate'")
             rank_zero_info(f"{what}: {'filtered out' if self.too_long == 'filter' else 'truncated'}")
@@ -179,7 +175,7 @@ class TextData(LightningDataModule):
                 drop = set(long)
                 ds = ds.select([i for i in range(len(ds)) if i not in drop])
             else:
-                ds = ds.map(lambda r: {col: r[col][: limit - 1] + [bpe.EOS_ID] if len(r[col]) > limit else r[col]})
+                ds = ds.map(lambda r, c=col, n=limit: {c: r[c][: n - 1] + [bpe.EOS_ID] if len(r[c]) > n else r[c]})
         return ds
 
     def decode(self, ids: list[int]) -> str:
@@ -188,16 +184,22 @@ class TextData(LightningDataModule):
     def _sampler(self, split: str, order: str, pool: int = 0) -> ShardedBatchSampler:
         ds = self.splits[split]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        lengths = [max(lens) for lens in zip(*([len(x) for x in ds[ids]] for ids in self.COLUMNS.values()))]
+        lengths = [max(lens) for lens in zip(*([len(x) for x in ds[side]] for side in self.COLUMNS.values()))]
         return ShardedBatchSampler(lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank, pool)
 
     def _loader(self, split: str, sampler: ShardedBatchSampler) -> DataLoader:
         ds = self.splits[split]
-        columns = {c: ds[c] for c in ("src_ids", "tgt_ids", "label", "target") if c in ds.column_names}
+        columns = {c: ds[c] for c in (*self.COLUMNS.values(), *self.KEEP)}
         # Its own generator: building a loader must not draw from the global random stream,
         # or a resumed run, which builds loaders at other moments, would draw other dropout masks.
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(range(len(ds)), batch_sampler=sampler, collate_fn=lambda idx: collate(idx, **columns), num_workers=self.num_workers, generator=generator)
+        return DataLoader(
+            range(len(ds)),
+            batch_sampler=sampler,
+            collate_fn=lambda idx: collate(idx, columns),
+            num_workers=self.num_workers,
+            generator=generator,
+        )
 
     def train_dataloader(self):
         # An epoch's number of batches depends on its order. Lightning counts them when it
@@ -223,45 +225,13 @@ class TextData(LightningDataModule):
         return self._loader(self.predict_split, self._sampler(self.predict_split, "sorted"))
 
 
-def _pad(seqs: list[list[int]]) -> torch.Tensor:
-    out = torch.full((len(seqs), max(map(len, seqs))), bpe.PAD_ID, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s)
-    return out
-
-
-def token_counts(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-padding source and target tokens of each sample, [B] each; zeros for a side the
-    task does not have."""
-    zeros = torch.zeros_like(batch["index"])
-    src = (~batch["src_pad"]).sum(1) if "src_pad" in batch else zeros
-    tgt = (~batch["tgt_pad"]).sum(1) if "tgt_pad" in batch else zeros
-    return src, tgt
-
-
-def collate(indices: list[int], src_ids=None, tgt_ids=None, label=None, target=None) -> dict:
-    batch = {"index": torch.as_tensor(indices)}
-    if src_ids is not None:
-        batch["src"] = _pad([src_ids[i] for i in indices])
-        batch["src_pad"] = batch["src"].eq(bpe.PAD_ID)
-    if tgt_ids is not None:
-        tgt_out = _pad([tgt_ids[i] for i in indices])
-        tgt_in = torch.nn.functional.pad(tgt_out, (1, 0), value=bpe.BOS_ID)[:, :-1]
-        tgt_in[tgt_in == bpe.EOS_ID] = bpe.PAD_ID
-        batch.update(tgt_in=tgt_in, tgt_out=tgt_out, tgt_pad=tgt_out.eq(bpe.PAD_ID))
-    if label is not None:
-        batch["label"] = torch.as_tensor([label[i] for i in indices])
-    if target is not None:
-        batch["target"] = [target[i] for i in indices]
-    return batch
-
-
 class TranslationData(TextData):
     """Sentence pairs (`source`, `target` columns): the embedded translation task by default."""
 
-    COLUMNS = {"source": "src_ids", "target": "tgt_ids"}
+    COLUMNS = {"source": "src", "target": "tgt"}
+    KEEP = ("target",)  # the reference text, for BLEU
 
-    def __init__(self, source: DataSource = lazy_instance(Synthetic), **kwargs):
+    def __init__(self, source: DataSource = lazy_instance(SyntheticTranslation), **kwargs):
         super().__init__(source, **kwargs)
 
 
@@ -273,14 +243,12 @@ class ClassificationData(TextData):
     into the model.
     """
 
-    COLUMNS = {"text": "src_ids"}
+    COLUMNS = {"text": "src"}
+    KEEP = ("label",)
 
     def __init__(self, source: DataSource = lazy_instance(SyntheticSentiment), num_classes: int = 2, **kwargs):
         super().__init__(source, **kwargs)
         self.num_classes = num_classes
-
-    def required_columns(self):
-        return ["text", "label"]
 
     def prepare_columns(self, raw):
         names = sorted({v for v in raw["train"]["label"] if isinstance(v, str)})
@@ -312,7 +280,7 @@ class LanguageModelData(TextData):
     one shorter: nothing is dropped.
     """
 
-    COLUMNS = {"text": "tgt_ids"}
+    COLUMNS = {"text": "tgt"}
 
     def __init__(self, source: DataSource = lazy_instance(SyntheticText), pack_to: int | None = None, **kwargs):
         super().__init__(source, **kwargs)
@@ -322,8 +290,8 @@ class LanguageModelData(TextData):
     def setup(self, stage=None):
         super().setup(stage)
         if self.pack_to and not self._packed:
-            stream = [t for ids in self.splits["train"]["tgt_ids"] for t in ids]
+            stream = [t for ids in self.splits["train"]["tgt"] for t in ids]
             blocks = [stream[i : i + self.pack_to] for i in range(0, len(stream), self.pack_to)]
-            self.splits["train"] = datasets.Dataset.from_dict({"tgt_ids": blocks})
+            self.splits["train"] = datasets.Dataset.from_dict({"tgt": blocks})
             self.train_sampler = self._sampler("train", self.train_sampler.order)
             self._packed = True

@@ -21,10 +21,6 @@ def _pairs(sources: list[str], targets: list[str]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"source": sources, "target": targets})
 
 
-def _split_seed(seed: int, split: str) -> int:
-    return seed * 10 + SPLITS.index(split)  # distinct per split: the splits stay apart
-
-
 class DataSource:
     """Base class. `load(split)` returns the split, or None when the source has no such split."""
 
@@ -37,8 +33,8 @@ class DataSource:
         return f"{type(self).__module__}.{type(self).__qualname__}{sorted(vars(self).items())!r}"
 
 
-class Synthetic(DataSource):
-    """The embedded translation task (see `adamoe.data.synthetic`): generated, no download."""
+class Generated(DataSource):
+    """Base of the embedded tasks (see `adamoe.data.synthetic`): generated, no download."""
 
     def __init__(self, train_size: int = 20000, val_size: int = 500, test_size: int = 500, seed: int = 0):
         self.train_size, self.val_size, self.test_size, self.seed = train_size, val_size, test_size, seed
@@ -46,25 +42,33 @@ class Synthetic(DataSource):
     def size(self, split: str) -> int:
         return {"train": self.train_size, "val": self.val_size, "test": self.test_size}[split]
 
+    def split_seed(self, split: str) -> int:
+        return self.seed * 10 + SPLITS.index(split)  # distinct per split: the splits stay apart
+
+
+class SyntheticTranslation(Generated):
+    """The embedded translation task: sentences of a small grammar and their reordered,
+    re-worded translations."""
+
     def load(self, split):
-        return _pairs(*synthetic.generate(self.size(split), seed=_split_seed(self.seed, split)))
+        return _pairs(*synthetic.generate(self.size(split), seed=self.split_seed(split)))
 
 
-class SyntheticSentiment(Synthetic):
+class SyntheticSentiment(Generated):
     """The embedded classification task (`synthetic.sentiment`): label 1 for a positive
     sentence, 0 for a negative one. Some sentences carry one decisive word; others need
     negation or a contrast clause read right."""
 
     def load(self, split):
-        texts, labels = synthetic.sentiment(self.size(split), seed=_split_seed(self.seed, split))
+        texts, labels = synthetic.sentiment(self.size(split), seed=self.split_seed(split))
         return datasets.Dataset.from_dict({"text": texts, "label": labels})
 
 
-class SyntheticText(Synthetic):
+class SyntheticText(Generated):
     """The embedded language-modelling task: sentences of the synthetic grammar."""
 
     def load(self, split):
-        return datasets.Dataset.from_dict({"text": synthetic.generate(self.size(split), seed=_split_seed(self.seed, split))[0]})
+        return datasets.Dataset.from_dict({"text": synthetic.generate(self.size(split), seed=self.split_seed(split))[0]})
 
 
 def _file_stamp(path: Path) -> str:
@@ -108,7 +112,13 @@ class ParallelText(DataSource):
         return gz if gz.exists() and not base.exists() else base
 
     def fingerprint(self):
-        stamps = [_file_stamp(self._path(s, lang)) for s in SPLITS if self.prefixes[s] for lang in (self.src_lang, self.tgt_lang) if self._path(s, lang).exists()]
+        stamps = [
+            _file_stamp(self._path(s, lang))
+            for s in SPLITS
+            if self.prefixes[s]
+            for lang in (self.src_lang, self.tgt_lang)
+            if self._path(s, lang).exists()
+        ]
         return super().fingerprint() + "|".join(stamps)
 
     def load(self, split):
@@ -169,7 +179,9 @@ def _select_columns(ds: datasets.Dataset, columns: dict[str, str], where: str, f
     for ours, values in out.items():
         for i, v in enumerate(values):
             if not ((isinstance(v, str) and v.strip()) or (ours == "label" and isinstance(v, int) and not isinstance(v, bool))):
-                raise DataError(f"{where}:{i + first_line}: column {columns[ours]!r} is empty or not {'a label' if ours == 'label' else 'text'} ({v!r})")
+                raise DataError(
+                    f"{where}:{i + first_line}: column {columns[ours]!r} is empty or not {'a label' if ours == 'label' else 'text'} ({v!r})"
+                )
     return datasets.Dataset.from_dict(out)
 
 

@@ -1,0 +1,192 @@
+"""What every task shares: the network, its gates and aux losses, training logs,
+evaluation, optimizer and schedule, expert parallelism, and prediction files."""
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric, Metric
+
+from adamoe.data.batch import Batch
+from adamoe.errors import CheckpointError
+from adamoe.gates import Routing
+from adamoe.parallel import expert_group, gather_experts, parallelize_experts, record_parameter_names, slice_experts
+from adamoe.schedulers import WarmupInverseSqrt
+from adamoe.transformer import GateFactory, Transformer, TransformerConfig
+
+STAGES = ("val", "test")
+
+
+@contextlib.contextmanager
+def swapped_gates(net: nn.Module, gates: list):
+    """Route with `gates` (sharing the trained routers) inside the block."""
+    layers = net.moe_layers()
+    trained = [layer.gate for layer in layers]
+    for layer, gate in zip(layers, gates):
+        layer.gate = gate
+    try:
+        yield
+    finally:
+        for layer, gate in zip(layers, trained):
+            layer.gate = gate
+
+
+class Perplexity(MeanMetric):
+    """exp of the token-weighted mean cross-entropy."""
+
+    def compute(self):
+        return super().compute().exp()
+
+
+class MoEModule(LightningModule):
+    """The base of every task (see the README's "Fork it"). A task implements `step`,
+    `metrics`, `update_metrics` and `predict`.
+
+    `net` is a `TransformerConfig`, built here with the data's vocabulary, or any ready
+    `nn.Module` with the `Transformer` interface. `inference_gate` routes validation,
+    test and predict with another rule over the trained routers. `expert_parallel` spreads
+    the experts over the DDP ranks (`adamoe.parallel`).
+    """
+
+    def __init__(
+        self,
+        net: TransformerConfig | nn.Module,
+        vocab_size: int = 8000,
+        pad_id: int = 0,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        inference_gate: GateFactory | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable = WarmupInverseSqrt,
+        predict_output: str = "predictions.txt",
+        expert_parallel: bool = False,
+    ):
+        super().__init__()
+        # Under LightningCLI this stores the config (gates and optimizer as class paths), so
+        # that `--ckpt_path` and `load_from_checkpoint` rebuild the same model.
+        self.save_hyperparameters()
+        if isinstance(net, TransformerConfig):
+            self.check_config(net)
+            net = Transformer(net, vocab_size, pad_id)
+        self.net = net
+        # Inference gates share the trained routers; kept out of the module tree so that
+        # checkpoints hold each router once.
+        self._inference_gates = []
+        for layer in net.moe_layers() if inference_gate is not None else []:
+            gate = inference_gate(layer.gate.router.in_features, layer.num_experts)
+            gate.router = layer.gate.router
+            self._inference_gates.append(gate)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.stage_metrics = nn.ModuleDict({stage: nn.ModuleDict(self.metrics(stage)) for stage in STAGES})
+        self._predictions: list[tuple[int, str]] = []
+        self.train_routings: list[Routing] = []
+
+    # What a task writes.
+    def check_config(self, config: TransformerConfig):
+        """Raise a ConfigError for a shape the task cannot use (e.g. a decoder for an encoder task)."""
+
+    def step(self, batch: Batch) -> tuple[torch.Tensor, dict, list[Routing]]:
+        """The training loss of a batch, more values to log, and the routing records."""
+        raise NotImplementedError
+
+    def metrics(self, stage: str) -> dict[str, Metric]:
+        """New metric objects for `stage` (val or test), logged as `{stage}/{name}`."""
+        raise NotImplementedError
+
+    def update_metrics(self, metrics: nn.ModuleDict, batch: Batch, batch_idx: int, stage: str):
+        raise NotImplementedError
+
+    def predict(self, batch: Batch) -> list[str]:
+        """One line of output per sample."""
+        raise NotImplementedError
+
+    # What every task shares.
+    def training_step(self, batch: Batch, batch_idx):
+        loss, logs, routings = self.step(batch)
+        aux = sum((r.aux_loss for r in routings), loss.new_zeros(()))
+        bs = batch["index"].shape[0]
+        self.log("train/loss", loss + aux, prog_bar=True, batch_size=bs)
+        self.log_dict({"train/aux_loss": aux, **{f"train/{k}": v for k, v in logs.items()}}, batch_size=bs)
+        # Callbacks read the routing of this forward pass instead of running another.
+        self.train_routings = routings
+        return loss + aux
+
+    def _inference(self):
+        return swapped_gates(self.net, self._inference_gates) if self._inference_gates else contextlib.nullcontext()
+
+    def _evaluate(self, stage: str, batch: Batch, batch_idx: int):
+        with self._inference():
+            self.update_metrics(self.stage_metrics[stage], batch, batch_idx, stage)
+
+    def validation_step(self, batch: Batch, batch_idx):
+        self._evaluate("val", batch, batch_idx)
+
+    def test_step(self, batch: Batch, batch_idx):
+        self._evaluate("test", batch, batch_idx)
+
+    def _log_metrics(self, stage: str):
+        metrics = self.stage_metrics[stage]
+        # compute() sums every metric's state over the ranks, so every rank logs the same
+        # values: sync_dist then averages equal numbers.
+        self.log_dict({f"{stage}/{name}": m.compute() for name, m in metrics.items()}, prog_bar=True, sync_dist=True)
+        for m in metrics.values():
+            m.reset()
+
+    def on_validation_epoch_end(self):
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self):
+        self._log_metrics("test")
+
+    def predict_step(self, batch: Batch, batch_idx):
+        with self._inference():
+            lines = self.predict(batch)
+        self._predictions += zip(batch["index"].tolist(), lines)
+        return lines
+
+    def on_predict_epoch_end(self):
+        gathered = [self._predictions]
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self._predictions)
+        self._predictions = []
+        if self.trainer.is_global_zero:
+            path = Path(self.hparams.predict_output)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(line + "\n" for _, line in sorted(p for part in gathered for p in part)))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def configure_model(self):
+        if self.hparams.expert_parallel and dist.is_available() and dist.is_initialized() and expert_group(self) is None:
+            parallelize_experts(self)
+
+    def on_save_checkpoint(self, checkpoint):
+        if self._trainer is not None:
+            record_parameter_names(checkpoint, self, self.trainer.optimizers)
+        gather_experts(checkpoint, self)
+
+    def on_load_checkpoint(self, checkpoint):
+        slice_experts(checkpoint, self)
+        check_compatible(checkpoint, self)
+
+
+def check_compatible(checkpoint: dict, module: LightningModule):
+    """A checkpoint of another task or model size fails here with the differences listed,
+    instead of in `load_state_dict` with a page of them."""
+    saved_class = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    ours = {n: tuple(t.shape) for n, t in module.state_dict().items()}
+    theirs = {n: tuple(t.shape) for n, t in checkpoint["state_dict"].items()}
+    problems = [f"{n}: checkpoint {theirs[n]}, model {ours[n]}" for n in ours if n in theirs and theirs[n] != ours[n]]
+    problems += [f"missing {n}" for n in ours if n not in theirs] + [f"unexpected {n}" for n in theirs if n not in ours]
+    if problems:
+        other = saved_class and saved_class.rsplit(".", 1)[-1] != type(module).__qualname__
+        task = f" (saved by {saved_class}, loading into {type(module).__qualname__})" if other else ""
+        more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        raise CheckpointError(f"checkpoint does not fit this model{task}: {'; '.join(problems[:6])}{more}")

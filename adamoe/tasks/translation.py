@@ -1,0 +1,71 @@
+"""Sequence to sequence: label-smoothed cross-entropy, BLEU, beam search."""
+
+from torchmetrics import MeanMetric
+from torchmetrics.text import SacreBLEUScore
+
+from adamoe.data.batch import Batch
+from adamoe.ops import cross_entropy
+from adamoe.tasks.base import MoEModule, Perplexity
+
+
+class Bleu(SacreBLEUScore):
+    """sacreBLEU on its usual 0-100 scale (torchmetrics computes 0-1)."""
+
+    def compute(self):
+        return 100 * super().compute()
+
+
+class TranslationModule(MoEModule):
+    """`train/loss` is label-smoothed, `train/nll` the plain cross-entropy. Evaluation logs
+    `loss` (token cross-entropy), `ppl` and `bleu` (sacreBLEU, 0-100): greedy on the first
+    `bleu_batches` validation batches of each rank (-1 all, 0 none), beam search on test."""
+
+    def __init__(
+        self,
+        label_smoothing: float = 0.1,
+        bleu_batches: int = -1,
+        max_decode_len: int = 256,
+        beam_size: int = 4,
+        length_penalty: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+
+    def forward(self, batch: Batch):
+        return self.net(batch["src"], batch["tgt_in"], batch["src_pad"], batch["tgt_pad"])
+
+    def _losses(self, batch: Batch):
+        logits, routings = self(batch)
+        target = batch["tgt_out"]
+        smoothed, nll = cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), self.hparams.pad_id, self.hparams.label_smoothing
+        )
+        return smoothed, nll, routings
+
+    def step(self, batch):
+        smoothed, nll, routings = self._losses(batch)
+        return smoothed, {"nll": nll}, routings
+
+    def metrics(self, stage):
+        metrics = {"loss": MeanMetric(), "ppl": Perplexity()}
+        if stage == "test" or self.hparams.bleu_batches != 0:
+            metrics["bleu"] = Bleu()
+        return metrics
+
+    def update_metrics(self, metrics, batch, batch_idx, stage):
+        _, nll, _ = self._losses(batch)
+        tokens = (~batch["tgt_pad"]).sum()
+        metrics["loss"].update(nll, weight=tokens)
+        metrics["ppl"].update(nll, weight=tokens)
+        if "bleu" in metrics and (stage == "test" or self.hparams.bleu_batches < 0 or batch_idx < self.hparams.bleu_batches):
+            beam = self.hparams.beam_size if stage == "test" else 1
+            metrics["bleu"].update(self.decode(batch, beam), [[t] for t in batch["target"]])
+
+    def decode(self, batch: Batch, beam_size: int) -> list[str]:
+        src = batch["src"]
+        max_len = min(self.hparams.max_decode_len, int(src.shape[1] * 1.5) + 10)
+        out = self.net.generate(src, self.hparams.bos_id, self.hparams.eos_id, max_len, beam_size, self.hparams.length_penalty)
+        return [self.trainer.datamodule.decode(row) for row in out.tolist()]
+
+    def predict(self, batch):
+        return self.decode(batch, self.hparams.beam_size)

@@ -1,0 +1,44 @@
+"""A task written outside the package (examples/regression.py) trains, tests and predicts
+through train.py with its own data module, module and config."""
+
+import json
+import statistics
+
+import pytest
+import yaml
+from helpers import ROOT, scalars, train
+
+
+@pytest.fixture
+def regression(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    cfg = yaml.safe_load((ROOT / "examples" / "regression.yaml").read_text())
+    cfg["trainer"] |= {"max_epochs": 8, "val_check_interval": None, "log_every_n_steps": 5, "enable_progress_bar": False}
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    cfg["data"]["init_args"] |= {"cache_dir": str(tmp_path / "cache"), "max_tokens": 1024}
+    cfg["data"]["init_args"]["source"]["init_args"] = {"train_size": 1500, "val_size": 100, "test_size": 60}
+    cfg["model"]["init_args"]["predict_output"] = str(tmp_path / "pred.txt")
+    path = tmp_path / "regression.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_task_outside_the_package_trains_through_train_py(regression, tmp_path):
+    import regression as fork
+
+    assert fork.__file__ == str(ROOT / "examples" / "regression.py")  # not a file of adamoe/
+    train("fit", "--config", regression, cwd=tmp_path)
+    run = tmp_path / "logs" / "regression"
+    logged = scalars(run / "version_0")
+    val = fork.Clauses(1500, 100, 60).load("val")["score"]
+    # Predicting the mean of the validation scores scores their variance: the model must do far better.
+    assert logged["val/mse"][-1][1] < 0.3 * statistics.pvariance(val), logged["val/mse"]
+    assert "experts/model/two_expert_share" in logged  # gates and statistics came with the base class
+    best = json.loads((run / "version_0" / "metrics.json").read_text())["best"]
+    assert best["val/mse"] == min(v for _, v in logged["val/mse"])  # best by the config's monitor
+    assert any(p.name.startswith("best-") for p in (run / "checkpoints").iterdir())
+    train("predict", "--config", regression, "--ckpt_path", run / "checkpoints" / "last.ckpt", cwd=tmp_path)
+    predictions = [float(x) for x in (tmp_path / "pred.txt").read_text().split()]
+    truth = fork.Clauses(1500, 100, 60).load("test")["score"]
+    assert len(predictions) == len(truth)
+    assert statistics.fmean((p - t) ** 2 for p, t in zip(predictions, truth)) < 0.3 * statistics.pvariance(truth)
