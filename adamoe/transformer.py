@@ -80,6 +80,7 @@ class Block(nn.Module):
     def forward(self, x_BSD, padding_mask_BS, self_mask=None, causal=False, cache=None, memory=None, memory_mask=None):
         h = self.self_norm(x_BSD)
         k, v = self.self_attn.keys_values(h)
+        # Decoding cache: per block, the keys and values of all positions so far; a step appends its own.
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -88,6 +89,7 @@ class Block(nn.Module):
         # longer query (a prompt, or no cache) starts at position 0 and needs the mask.
         x_BSD = x_BSD + self.drop(self.self_attn(h, k, v, self_mask, is_causal=causal and h.shape[1] > 1))
         if self.cross_attn is not None:
+            # The encoder memory does not change while decoding: its keys and values are made once.
             if cache is not None and "memory_k" in cache:
                 mk, mv = cache["memory_k"], cache["memory_v"]
             else:

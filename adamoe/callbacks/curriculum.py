@@ -8,22 +8,11 @@ from adamoe.data.batching import spearman
 
 
 class Curriculum(Callback):
-    """Records each training sample's routing complexity (eq. 5) from the routing the
-    training step already returned, into the data module's batch sampler; at epoch end
-    sums it over ranks, so every rank orders the next epoch from the same full table.
-
-    Logs per epoch:
-    - `curriculum/spearman`: rank correlation of position in the epoch's order with the
-      two-expert share each sample then had;
-    - `curriculum/within_batch_std` and `..._random`: mean over global batches of the std
-      of that share within a batch, for this order and for the same batch sizes drawn at
-      random;
-    - `curriculum/ep_cost`: simulated expert-parallel cost, the sum over steps and MoE
-      layers of the most assignments any one of `ep_ranks` groups of E/ep_ranks experts
-      received (all ranks' tokens together): the wait for the slowest GPU when experts
-      are spread over `ep_ranks` GPUs; `curriculum/ep_assignments`, the same sum of all
-      assignments.
-    """
+    """Records each training sample's routing complexity (eq. 5) into the batch sampler
+    and sums it over ranks at epoch end, so every rank orders the next epoch from the same
+    table. Logs what the order did: `curriculum/spearman`, `within_batch_std` (and
+    `_random`), and the modeled `ep_ranks`-GPU expert-parallel cost `ep_cost` with its
+    `ep_assignments` (README, "Curriculum")."""
 
     def __init__(self, ep_ranks: int = 8):
         self.ep_ranks = ep_ranks

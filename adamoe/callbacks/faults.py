@@ -11,16 +11,10 @@ from adamoe.errors import TrainingError
 
 
 class NonFiniteGuard(Callback):
-    """Checks every training step's loss and gradients before the optimizer sees them.
-
-    `action: stop` (default) ends fit with a message naming the step, the first layer or
-    loss term that went non-finite, and the last good checkpoint. `action: skip` drops the
-    step's gradients (the optimizer leaves every weight and its state as they were),
-    counts it in `train/skipped_steps`, and stops after `max_consecutive` such steps in a
-    row. Under DDP the verdict is summed over ranks, so all ranks stop or skip together.
-    Under fp16 loss scaling, gradient overflow is the scaler's to handle; only the loss is
-    checked.
-    """
+    """Checks every training step's loss and gradients before the optimizer sees them:
+    `stop` ends fit naming the step, the first non-finite layer and the last good
+    checkpoint; `skip` drops the step and stops after `max_consecutive` in a row. All
+    ranks decide together. See the README's "Resuming and faults"."""
 
     def __init__(self, action: Literal["stop", "skip"] = "stop", max_consecutive: int = 10):
         self.action, self.max_consecutive = action, max_consecutive

@@ -49,21 +49,11 @@ def summarize(counts_LC: Tensor, names: list[str]) -> dict[str, float]:
 
 
 class ExpertStats(Callback):
-    """Per MoE layer (named like `enc.1`, `dec.3`): share of tokens on two experts, experts
-    per token, load imbalance (max/mean tokens per expert) and a histogram of tokens per
-    expert, router entropy, aux loss, and dropped assignments when a capacity is set; for
-    the whole model, experts per token and active forward FLOPs per token (dense weights
-    plus the experts actually used, see `Transformer.forward_flops`). With expert
-    parallelism, per step: the assignments each rank's experts received (max and mean
-    over ranks: the straggler measure) and the all-to-all bytes sent between ranks.
-
-    Logged every `trainer.log_every_n_steps` batches and once per epoch (`..._epoch`
-    tags), from counts summed over the steps and over DDP ranks: every rank joins the
-    reduction, rank 0 writes. Counts come from the routing each training step returned,
-    so a forward pass re-run for activation checkpointing, and validation, count nothing.
-    At epoch end, two figures: expert load per layer (heatmap) and the two-expert share
-    per layer (the paper's Figure 2).
-    """
+    """What the routers did, per MoE layer and for the model, every `log_every_n_steps`
+    and per epoch (`_epoch`), from the routing each training step returned, summed over
+    steps and DDP ranks; with expert parallelism also the straggler and all-to-all bytes.
+    At epoch end, the expert-load heatmap and the paper's Figure 2. See the README's
+    "Watching a run" for the list of scalars."""
 
     def on_fit_start(self, trainer, pl_module):
         self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts no epoch

@@ -26,22 +26,10 @@ def time_to_target(curve: list[dict], target: float, mode: str = "min", time: st
 
 
 class EpochTimer(Callback):
-    """Per training epoch: wall time of each rank, reduced to max and mean over ranks
-    (validation inside the epoch excluded), and throughput in non-padding source plus
-    target tokens per second (all ranks' tokens over the slowest rank's time).
-
-    Time-to-target: the wall time since the start of fit at which `monitor` first reached
-    `target` (at or below it in mode `min`), taken when the validation that reached it
-    began, i.e. the training time that produced that model, earlier validations
-    included. This is how the paper measures training time. With `stop_at_target`, fit
-    stops there.
-
-    Every validation also adds a point to `curve`: step, wall time since the start of fit,
-    training time alone (validations excluded; on rank 0) and the `monitor` value, so that
-    time-to-target can be read afterwards for any target, see `time_to_target`.
-
-    All of it goes to the logger and, at the end of fit, into `metrics.json`.
-    """
+    """Epoch time per rank (max and mean), token throughput, and time-to-target: when
+    `monitor` first reached `target`, counted to the start of that validation (the paper's
+    measure of training time). Each validation adds a point to `curve`, from which
+    `time_to_target` reads any other target afterwards. See the README's "Watching a run"."""
 
     def __init__(self, target: float | None = None, monitor: str = "val/loss", mode: str = "min", stop_at_target: bool = False):
         if mode not in ("min", "max"):
