@@ -15,13 +15,13 @@ import signal
 import sys
 from pathlib import Path
 
-import datasets
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adamoe import tasks  # noqa: E402
 from adamoe.cli import entry  # noqa: E402
+from adamoe.data import store  # noqa: E402
 
 RANK = os.environ.get("LOCAL_RANK", "0")
 ARMED = os.environ.get("FAULT_RANK", RANK) == RANK
@@ -42,13 +42,14 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-save_to_disk = datasets.Dataset.save_to_disk
+write_split = store.write
 
 
-def save_split(self, *args, **kwargs):
-    save_to_disk(self, *args, **kwargs)
+def save_split(*args, **kwargs):
+    rows = write_split(*args, **kwargs)
     if hit("prepare"):
         die()
+    return rows
 
 
 torch_save = torch.save
@@ -96,7 +97,7 @@ def faulty_validation_step(self, batch, batch_idx):
 
 def install():
     """Put the faults of FAULT and POISON in place; importing this file changes nothing."""
-    datasets.Dataset.save_to_disk = save_split
+    store.write = save_split
     torch.save = save
     layer, _, steps = os.environ.get("POISON", "").partition(":")
     tasks.MoEModule.training_step = poisoned(tasks.MoEModule.training_step, layer, {int(s) for s in steps.split(",") if s}, ARMED)

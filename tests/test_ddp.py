@@ -52,7 +52,7 @@ def test_logged_expert_counts_are_the_sum_over_ranks(ddp_run):
     with torch.no_grad():
         for rank in (0, 1):
             first = next(iter(ShardedBatchSampler(lengths, dm.max_tokens, None, "length", dm.seed, 2, rank)))
-            batch = collate(first, {"src": ds["src"], "tgt": ds["tgt"]})
+            batch = collate(first, ds.gather(first, ["src", "tgt"]))
             _, routings = model(batch)
             enc = routings[0]  # enc.1
             tokens += enc.num_tokens
@@ -102,18 +102,13 @@ def test_epoch_time_throughput_and_time_to_target(ddp_run):
 def test_routing_analysis_lists_whole_words(ddp_run):
     tmp, cfg = ddp_run
     rows = list(csv.DictReader(open(tmp / "logs" / "tiny" / "version_0" / "routing_words.tsv"), delimiter="\t"))
-    dm = TranslationData(
-        SyntheticTranslation(**yaml.safe_load(cfg.read_text())["data"]["init_args"]["source"]["init_args"]),
-        vocab_size=300,
-        cache_dir=str(tmp / "cache"),
-    )
-    dm.setup("validate")
-    words = {w for col in ("source", "target") for line in dm.splits["val"][col] for w in line.split()}
+    val = SyntheticTranslation(**yaml.safe_load(cfg.read_text())["data"]["init_args"]["source"]["init_args"]).load("val")
+    words = {w for col in ("source", "target") for line in val[col] for w in line.split()}
     assert rows and {r["layer"] for r in rows} == {"enc.1", "dec.1"}
     assert all(r["word"] in words for r in rows)
     # Both ranks' halves of the validation set are counted: each word as often as it occurs
     # on its side, and its share is a whole number of those occurrences.
-    occurrences = {col: Counter(w for line in dm.splits["val"][col] for w in line.split()) for col in ("source", "target")}
+    occurrences = {col: Counter(w for line in val[col] for w in line.split()) for col in ("source", "target")}
     for r in rows:
         side = "source" if r["layer"].startswith("enc") else "target"
         assert int(r["count"]) == occurrences[side][r["word"]], r
@@ -207,7 +202,7 @@ def test_expert_parallel_fit_checkpoint_validates_the_same_in_one_process(tmp_pa
     with torch.no_grad():
         for rank in (0, 1):
             first = next(iter(ShardedBatchSampler(lengths, dm.max_tokens, None, "length", dm.seed, 2, rank)))
-            for i, r in enumerate(model(collate(first, {"src": ds["src"], "tgt": ds["tgt"]}))[1]):
+            for i, r in enumerate(model(collate(first, ds.gather(first, ["src", "tgt"])))[1]):
                 load[rank, i] = r.expert_load_E.tolist()
     logged, sent_bytes = scalars(run), 0
     for i, name in enumerate(("enc.1", "dec.1")):

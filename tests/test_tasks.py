@@ -59,7 +59,7 @@ def test_lm_perplexity_is_exp_of_the_mean_token_loss():
     torch.manual_seed(0)
     m = LanguageModelModule(vocab_size=30, net=LM_NET).eval()
     texts = [[5, 6, 7, 2], [8, 2], [9, 10, 11, 12, 13, 2]]
-    batches = [collate([0, 1], {"tgt": texts}), collate([2], {"tgt": texts})]
+    batches = [collate([0, 1], {"tgt": texts[:2]}), collate([2], {"tgt": texts[2:]})]
     total, count = 0.0, 0
     for b in batches:
         m.validation_step(b, 0)

@@ -1,10 +1,11 @@
 """Feeds the data module's curriculum with routing complexity and shows what the order does."""
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback
 
 from adamoe.data.batch import token_counts
-from adamoe.data.batching import spearman
+from adamoe.data.batching import Plan, spearman
 
 
 class Curriculum(Callback):
@@ -22,7 +23,8 @@ class Curriculum(Callback):
         self.loads = []
         # Ranks that disagree on the order would silently train on overlapping shards.
         plan = trainer.datamodule.train_sampler.global_batches()
-        checksum = torch.tensor([float(sum((p + 1) * i for p, i in enumerate(i for b in plan for i in b)) % 1_000_003)])
+        M = 1_000_003
+        checksum = torch.tensor([float(((np.arange(1, len(plan.order) + 1) % M) * (plan.order % M) % M).sum() % M)])
         sums = trainer.strategy.all_gather(checksum.to(trainer.strategy.root_device)).reshape(-1)
         if not torch.all(sums == sums[0]):
             raise RuntimeError(f"ranks computed different batch orders for epoch {trainer.current_epoch}: checksums {sums.tolist()}")
@@ -70,23 +72,24 @@ class Curriculum(Callback):
                 metrics["curriculum/ep_assignments"] = float(loads_ILE.sum())
         if summed is not None:
             two, tokens = summed
-            share_N = two.sum(1) / tokens.sum(1).clamp_min(1)
-            order = torch.tensor([i for b in plan for i in b])
+            share_N = two.sum(1).double() / tokens.sum(1).clamp_min(1)
+            order = torch.from_numpy(plan.order)
             seen = tokens.sum(1)[order] > 0
             metrics["curriculum/spearman"] = spearman(torch.arange(order.numel())[seen].double(), share_N[order][seen])
-            metrics["curriculum/within_batch_std"] = _mean_std(share_N, plan)
+            metrics["curriculum/within_batch_std"] = _mean_std(share_N.numpy(), plan)
             g = torch.Generator().manual_seed(sampler.seed + sampler.epoch)
-            shuffled = order[torch.randperm(order.numel(), generator=g)].tolist()
-            sizes, start, random_plan = [len(b) for b in plan], 0, []
-            for n in sizes:
-                random_plan.append(shuffled[start : start + n])
-                start += n
-            metrics["curriculum/within_batch_std_random"] = _mean_std(share_N, random_plan)
+            shuffled = Plan(plan.order[torch.randperm(len(plan.order), generator=g).numpy()], plan.bounds)  # same batch sizes
+            metrics["curriculum/within_batch_std_random"] = _mean_std(share_N.numpy(), shuffled)
         if metrics and trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         self.last_metrics = metrics
 
 
-def _mean_std(share_N: torch.Tensor, batches: list[list[int]]) -> float:
-    stds = [share_N[b].std(unbiased=False) for b in batches if len(b) > 1]
-    return float(torch.stack(stds).mean()) if stds else 0.0
+def _mean_std(share_N: np.ndarray, plan: Plan) -> float:
+    """Mean over batches of more than one sample of the std of `share_N` within the batch."""
+    if not len(plan):
+        return 0.0
+    values, starts, sizes = share_N[plan.order], plan.bounds[:-1], np.diff(plan.bounds)
+    mean = np.add.reduceat(values, starts) / sizes
+    std = np.sqrt(np.maximum(np.add.reduceat(values**2, starts) / sizes - mean**2, 0))
+    return float(std[sizes > 1].mean()) if (sizes > 1).any() else 0.0

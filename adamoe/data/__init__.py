@@ -1,5 +1,5 @@
 from adamoe.data.batch import Batch, collate
-from adamoe.data.datamodule import ClassificationData, LanguageModelData, TextData, TranslationData
+from adamoe.data.datamodule import TextData
 from adamoe.data.sources import (
     DataError,
     DataSource,
@@ -12,6 +12,7 @@ from adamoe.data.sources import (
     TableFiles,
     TextLines,
 )
+from adamoe.data.tasks import ClassificationData, LanguageModelData, TranslationData
 
 __all__ = [
     "Batch", "ClassificationData", "DataError", "DataSource", "Generated", "HubDataset", "LanguageModelData", "ParallelText",

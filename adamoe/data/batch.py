@@ -32,13 +32,13 @@ def _pad(rows: list[Sequence[int]]) -> Tensor:
     return out
 
 
-def collate(indices: list[int], columns: dict[str, Sequence]) -> Batch:
-    """The samples at `indices` of each column. `src` and `tgt` are token ids, padded
-    (`tgt` also shifted into decoder input and output); string columns stay lists;
-    any other column becomes a tensor of one value (or equal-length list) per sample."""
+def collate(indices: Sequence[int], columns: dict[str, list]) -> Batch:
+    """A batch of the samples `indices`, from each column's values for them, in that order.
+    `src` and `tgt` are token ids, padded (`tgt` also shifted into decoder input and
+    output); string columns stay lists; any other column becomes a tensor of one value
+    (or equal-length list) per sample."""
     batch: Batch = {"index": torch.as_tensor(indices)}
-    for name, values in columns.items():
-        rows = [values[i] for i in indices]
+    for name, rows in columns.items():
         if name == "src":
             batch["src"] = _pad(rows)
             batch["src_pad"] = batch["src"].eq(PAD_ID)

@@ -5,26 +5,29 @@ which side of the batch (`COLUMNS`) and which it passes through as they are (`KE
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Literal
 
-import datasets
+import numpy as np
+import pyarrow as pa
 import torch
-from jsonargparse import lazy_instance
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
+from adamoe.data import store
 from adamoe.data import tokenizer as bpe
 from adamoe.data.batch import collate
 from adamoe.data.batching import ShardedBatchSampler
-from adamoe.data.sources import SPLITS, DataError, DataSource, SyntheticSentiment, SyntheticText, SyntheticTranslation, digest
+from adamoe.data.sources import SPLITS, DataError, DataSource, digest
 from adamoe.errors import ConfigError
 
 # Part of every cache key: raise it whenever a change to the preprocessing code changes
 # the tokenized result, so that no cache made by older code is read.
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"
 
 
 class TextData(LightningDataModule):
@@ -46,6 +49,7 @@ class TextData(LightningDataModule):
         too_long: Literal["error", "filter", "truncate"] = "error",
         curriculum: Literal["none", "random", "paper", "reverse"] = "none",
         curriculum_pool: int = 0,
+        bpe_sample: int | None = 2_000_000,
         predict_split: Literal["train", "val", "test"] = "test",
         cache_dir: str = "data",
         num_workers: int = 0,
@@ -62,12 +66,13 @@ class TextData(LightningDataModule):
         self.max_len = {side: {"src": max_source_len, "tgt": max_target_len}[side] for side in self.COLUMNS.values()}
         self.too_long = too_long
         self.curriculum, self.curriculum_pool = curriculum, curriculum_pool
+        self.bpe_sample = bpe_sample
         self.predict_split = predict_split
         self.cache_dir = Path(cache_dir)
         self.num_workers = num_workers
         self.seed = seed
         self.tokenizer = None
-        self.splits: dict[str, datasets.Dataset] = {}
+        self.splits: dict[str, store.Split] = {}
         self.train_sampler: ShardedBatchSampler | None = None
 
     # Ids fixed by the tokenizer's special tokens; the CLI links them into the model.
@@ -87,40 +92,37 @@ class TextData(LightningDataModule):
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.cache_dir / "tokenizers" / f"bpe-{digest([*self.cache_key(), str(self.vocab_size)])}.json"
+        return self.cache_dir / "tokenizers" / f"bpe-{digest([*self.cache_key(), str(self.vocab_size), str(self.bpe_sample)])}.json"
 
     @property
     def dataset_dir(self) -> Path:
         return self.cache_dir / "datasets" / digest([self.tokenizer_path.name, *self.cache_key()])
 
     def prepare_data(self):
-        """Rank 0 only: read and check the data, train the tokenizer, tokenize, cache."""
+        """Rank 0 only: read and check the data, train the tokenizer, tokenize, cache. The
+        corpus streams through a chunk at a time."""
         if self.dataset_dir.is_dir() and self.tokenizer_path.exists():
             rank_zero_info(f"Reusing cached dataset {self.dataset_dir} and tokenizer {self.tokenizer_path}")
             return
-        raw = {s: self.source.load(s) for s in SPLITS}
-        if raw["train"] is None or raw["val"] is None:
+        if self.source.chunks("train") is None or self.source.chunks("val") is None:
             raise DataError(f"{type(self.source).__name__}: the data source needs a train and a val split")
-        for split, ds in raw.items():
-            missing = [c for c in self.required_columns() if ds is not None and c not in ds.column_names]
-            if missing:
-                raise DataError(
-                    f"{type(self.source).__name__} {split}: no column {missing} for {type(self).__name__}; it has {ds.column_names}"
-                )
-        raw = self.prepare_columns(raw)
-        tok, cached = bpe.load_or_train(self.tokenizer_path, (t for col in self.COLUMNS for t in raw["train"][col]), self.vocab_size)
-        rank_zero_info(f"{'Reusing' if cached else 'Trained'} BPE tokenizer {self.tokenizer_path} ({tok.get_vocab_size()} tokens)")
-
-        def encode(rows):
-            return {side: [e.ids + [bpe.EOS_ID] for e in tok.encode_batch(rows[col])] for col, side in self.COLUMNS.items()}
-
+        self.scan_train(self._chunks("train"))
+        started = time.perf_counter()
+        tok, cached = bpe.load_or_train(self.tokenizer_path, self._bpe_texts(), self.vocab_size)
+        took = "" if cached else f" in {time.perf_counter() - started:.0f} s"
+        rank_zero_info(f"{'Reusing' if cached else 'Trained'} BPE tokenizer {self.tokenizer_path} ({tok.get_vocab_size()} tokens){took}")
         # Built aside and renamed into place: a killed run leaves no half cache to be read.
         for stale in self.dataset_dir.parent.glob(f".{self.dataset_dir.name}.*.tmp"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         staging = self.dataset_dir.with_name(f".{self.dataset_dir.name}.{os.getpid()}.tmp")
-        for split, ds in raw.items():
-            if ds is not None:
-                ds.map(encode, batched=True, desc=f"Tokenizing {split}").save_to_disk(str(staging / split))
+        staging.mkdir(parents=True)
+        for split in SPLITS:
+            if self.source.chunks(split) is not None:
+                started, bar = time.perf_counter(), tqdm(desc=f"Tokenizing {split}", unit=" samples", unit_scale=True, leave=False)
+                tables = (store.encode(tok, self.prepare_columns(c, split), self.COLUMNS, self.KEEP) for c in self._chunks(split))
+                rows = store.write(staging / f"{split}.arrow", (bar.update(len(t)) or t for t in tables))
+                bar.close()
+                rank_zero_info(f"Tokenized {split}: {rows:,} samples in {time.perf_counter() - started:.0f} s")
         try:
             staging.rename(self.dataset_dir)
         except OSError:
@@ -128,24 +130,41 @@ class TextData(LightningDataModule):
                 raise
             shutil.rmtree(staging, ignore_errors=True)
 
+    def _chunks(self, split: str):
+        for chunk in self.source.chunks(split):
+            missing = [c for c in dict.fromkeys([*self.COLUMNS, *self.KEEP]) if c not in chunk.column_names]
+            if missing:
+                raise DataError(
+                    f"{type(self.source).__name__} {split}: no column {missing} for {type(self).__name__}; it has {chunk.column_names}"
+                )
+            yield chunk
+
+    def _bpe_texts(self):
+        """The training split's text to learn BPE from: all of it, or a uniform sample of
+        `bpe_sample` texts, so that a large corpus is not counted whole."""
+        texts = ([t for col in self.COLUMNS for t in chunk.column(col).to_pylist()] for chunk in self._chunks("train"))
+        return (t for part in texts for t in part) if self.bpe_sample is None else bpe.sample(texts, self.bpe_sample, self.seed)
+
     def setup(self, stage: str | None = None):
-        """Every rank: load the cached splits and apply the length limits."""
+        """Every rank: memory-map the cached splits and apply the length limits."""
         self.tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
         if self.tokenizer.get_vocab_size() > self.vocab_size:
             raise DataError(f"{self.tokenizer_path}: {self.tokenizer.get_vocab_size()} tokens, more than vocab_size={self.vocab_size}")
         for split in SPLITS:
-            if split not in self.splits and (self.dataset_dir / split).exists():
-                self.splits[split] = self._limit_lengths(split, datasets.load_from_disk(str(self.dataset_dir / split)))
+            path = self.dataset_dir / f"{split}.arrow"
+            if split not in self.splits and path.exists():
+                self.splits[split] = self._limit_lengths(split, store.Split.open(path, self.COLUMNS.values()))
         if self.train_sampler is None:
             order = {"none": "length"}.get(self.curriculum, self.curriculum)
             self.train_sampler = self._sampler("train", order, self.curriculum_pool)
 
-    def required_columns(self) -> list[str]:
-        return list(dict.fromkeys([*self.COLUMNS, *self.KEEP]))
+    def scan_train(self, chunks):
+        """A task that needs a look at the whole training split before tokenizing (e.g. its
+        label names) takes it here, a chunk at a time."""
 
-    def prepare_columns(self, raw: dict) -> dict:
-        """Task-specific conversion of the raw splits before tokenizing."""
-        return raw
+    def prepare_columns(self, chunk: pa.Table, split: str) -> pa.Table:
+        """Task-specific conversion of a raw chunk before tokenizing."""
+        return chunk
 
     def state_dict(self):
         return {"train_sampler": self.train_sampler.state_dict()} if self.train_sampler else {}
@@ -161,21 +180,20 @@ class TextData(LightningDataModule):
             self.train_sampler.consumed += 1
         return batch
 
-    def _limit_lengths(self, split: str, ds: datasets.Dataset) -> datasets.Dataset:
-        for col, limit in self.max_len.items():
-            long = [i for i, ids in enumerate(ds[col]) if len(ids) > limit]
-            if not long:
+    def _limit_lengths(self, split: str, ds: store.Split) -> store.Split:
+        for side, limit in self.max_len.items():
+            long = np.flatnonzero(ds.lengths[side] > limit)
+            if not long.size:
                 continue
-            side = "source" if col == "src" else "target"
-            what = f"{split}: {len(long)} of {len(ds)} samples ({len(long) / len(ds):.2%}) have a {side} longer than {limit} tokens"
+            kind = "source" if side == "src" else "target"
+            what = f"{split}: {long.size} of {len(ds)} samples ({long.size / len(ds):.2%}) have a {kind} longer than {limit} tokens"
             if self.too_long == "error":
                 raise DataError(f"{what} (first: sample {long[0]}). Raise the limit, or set too_long to 'filter' or 'truncate'")
             rank_zero_info(f"{what}: {'filtered out' if self.too_long == 'filter' else 'truncated'}")
             if self.too_long == "filter":
-                drop = set(long)
-                ds = ds.select([i for i in range(len(ds)) if i not in drop])
+                ds.keep(ds.lengths[side] <= limit)
             else:
-                ds = ds.map(lambda r, c=col, n=limit: {c: r[c][: n - 1] + [bpe.EOS_ID] if len(r[c]) > n else r[c]})
+                ds.cut(side, limit)
         return ds
 
     def decode(self, ids: list[int]) -> str:
@@ -184,19 +202,19 @@ class TextData(LightningDataModule):
     def _sampler(self, split: str, order: str, pool: int = 0) -> ShardedBatchSampler:
         ds = self.splits[split]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        lengths = [max(lens) for lens in zip(*([len(x) for x in ds[side]] for side in self.COLUMNS.values()))]
+        lengths = np.maximum.reduce([ds.lengths[side] for side in self.COLUMNS.values()])
         return ShardedBatchSampler(lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank, pool)
 
     def _loader(self, split: str, sampler: ShardedBatchSampler) -> DataLoader:
         ds = self.splits[split]
-        columns = {c: ds[c] for c in (*self.COLUMNS.values(), *self.KEEP)}
+        columns = [*self.COLUMNS.values(), *self.KEEP]
         # Its own generator: building a loader must not draw from the global random stream,
         # or a resumed run, which builds loaders at other moments, would draw other dropout masks.
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             range(len(ds)),
             batch_sampler=sampler,
-            collate_fn=lambda idx: collate(idx, columns),
+            collate_fn=lambda idx: collate(idx, ds.gather(idx, columns)),
             num_workers=self.num_workers,
             generator=generator,
         )
@@ -223,75 +241,3 @@ class TextData(LightningDataModule):
 
     def predict_dataloader(self):
         return self._loader(self.predict_split, self._sampler(self.predict_split, "sorted"))
-
-
-class TranslationData(TextData):
-    """Sentence pairs (`source`, `target` columns): the embedded translation task by default."""
-
-    COLUMNS = {"source": "src", "target": "tgt"}
-    KEEP = ("target",)  # the reference text, for BLEU
-
-    def __init__(self, source: DataSource = lazy_instance(SyntheticTranslation), **kwargs):
-        super().__init__(source, **kwargs)
-
-
-class ClassificationData(TextData):
-    """Texts with labels (`text`, `label` columns): the embedded sentiment task by default.
-
-    Integer labels are used as they are; string labels are numbered in sorted order of the
-    training split's labels. Every label must be below `num_classes`, which the CLI links
-    into the model.
-    """
-
-    COLUMNS = {"text": "src"}
-    KEEP = ("label",)
-
-    def __init__(self, source: DataSource = lazy_instance(SyntheticSentiment), num_classes: int = 2, **kwargs):
-        super().__init__(source, **kwargs)
-        self.num_classes = num_classes
-
-    def prepare_columns(self, raw):
-        names = sorted({v for v in raw["train"]["label"] if isinstance(v, str)})
-        ids = {n: i for i, n in enumerate(names)}
-        out = {}
-        for split, ds in raw.items():
-            if ds is not None:
-                labels = [ids.get(v, v) if isinstance(v, str) else v for v in ds["label"]]
-                unknown = [v for v in labels if isinstance(v, str)]
-                if unknown:
-                    raise DataError(f"{split}: label {unknown[0]!r} does not occur in the training split ({names})")
-                ds = ds.remove_columns("label").add_column("label", labels)
-            out[split] = ds
-        return out
-
-    def setup(self, stage=None):
-        super().setup(stage)
-        for split, ds in self.splits.items():
-            bad = [i for i, v in enumerate(ds["label"]) if not 0 <= v < self.num_classes]
-            if bad:
-                raise DataError(f"{split}: sample {bad[0]} has label {ds['label'][bad[0]]}, outside num_classes={self.num_classes}")
-
-
-class LanguageModelData(TextData):
-    """Text (`text` column) for a decoder-only model: the embedded grammar by default.
-
-    Padded (one text per sequence) by default; with `pack_to`, the training split's texts
-    are joined (each ending in </s>) and cut into sequences of `pack_to` tokens, the last
-    one shorter: nothing is dropped.
-    """
-
-    COLUMNS = {"text": "tgt"}
-
-    def __init__(self, source: DataSource = lazy_instance(SyntheticText), pack_to: int | None = None, **kwargs):
-        super().__init__(source, **kwargs)
-        self.pack_to = pack_to
-        self._packed = False
-
-    def setup(self, stage=None):
-        super().setup(stage)
-        if self.pack_to and not self._packed:
-            stream = [t for ids in self.splits["train"]["tgt"] for t in ids]
-            blocks = [stream[i : i + self.pack_to] for i in range(0, len(stream), self.pack_to)]
-            self.splits["train"] = datasets.Dataset.from_dict({"tgt": blocks})
-            self.train_sampler = self._sampler("train", self.train_sampler.order)
-            self._packed = True

@@ -1,20 +1,25 @@
-"""Where the text comes from. Each source yields, per split, a `datasets.Dataset` with our
-column names (`source`/`target` for translation, `text`/`label` for classification,
-`text` for language modelling), and checks its input on the way."""
+"""Where the text comes from. Each source gives, per split, Arrow tables with our column
+names (`source`/`target` for translation, `text`/`label` for classification, `text` for
+language modelling), a chunk at a time, and checks its input on the way: no corpus is
+ever held whole in memory."""
 
 import gzip
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from lightning.pytorch.utilities import rank_zero_info
 
 from adamoe.data import synthetic
 from adamoe.errors import DataError
 
 SPLITS = ("train", "val", "test")
+CHUNK_ROWS = 100_000  # rows a source hands over at a time: a few tens of MB of text
 
 
 def _pairs(sources: list[str], targets: list[str]) -> datasets.Dataset:
@@ -22,10 +27,20 @@ def _pairs(sources: list[str], targets: list[str]) -> datasets.Dataset:
 
 
 class DataSource:
-    """Base class. `load(split)` returns the split, or None when the source has no such split."""
+    """Base class. A small source implements `load(split)`, the whole split as a
+    `datasets.Dataset` (None when it has no such split); a large one implements `chunks`."""
 
     def load(self, split: str) -> datasets.Dataset | None:
-        raise NotImplementedError
+        chunks = self.chunks(split)
+        return None if chunks is None else datasets.Dataset(pa.concat_tables(list(chunks)))
+
+    def chunks(self, split: str) -> Iterator[pa.Table] | None:
+        """The split as Arrow tables of at most CHUNK_ROWS rows, read as they are needed."""
+        ds = self.load(split)
+        if ds is None:
+            return None
+        table = ds.with_format("arrow")[:]
+        return (table.slice(i, CHUNK_ROWS) for i in range(0, len(table), CHUNK_ROWS))
 
     def fingerprint(self) -> str:
         """Changes whenever the data would: used to key the tokenizer and dataset caches.
@@ -76,23 +91,45 @@ def _file_stamp(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _read_lines(path: Path) -> list[str]:
+def _decode(path: Path, lines: list[bytes], first: int) -> pa.Array:
+    """Lines (without their newline) as an Arrow string array, checked to be UTF-8."""
+    try:
+        text = pa.array(lines, pa.binary()).cast(pa.string())
+    except pa.ArrowInvalid:  # find the line to blame
+        for i, line in enumerate(lines):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{first + i}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise
+    return pc.utf8_rtrim(text, characters="\r")
+
+
+def _line_chunks(path: Path) -> Iterator[pa.Array]:
+    """A text file (optionally gzipped), CHUNK_ROWS lines at a time."""
+    rows = CHUNK_ROWS
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        raw = f.read().split(b"\n")
-    if raw and raw[-1] == b"":
-        raw.pop()
-    lines = []
-    for i, b in enumerate(raw, 1):
-        try:
-            lines.append(b.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    if not lines:
-        raise DataError(f"{path}: empty file")
-    return lines
+        lines, tail, first = [], b"", 1
+        while block := f.read(1 << 24):
+            *done, tail = (tail + block).split(b"\n")
+            lines += done
+            while len(lines) >= rows:
+                yield _decode(path, lines[:rows], first)
+                lines, first = lines[rows:], first + rows
+        lines += [tail] if tail else []
+        if lines:
+            yield _decode(path, lines, first)
+        elif first == 1:
+            raise DataError(f"{path}: empty file")
+
+
+def _first_blank(text: pa.Array) -> int | None:
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False)
+    where = np.flatnonzero(blank)
+    return int(where[0]) if where.size else None
 
 
 class ParallelText(DataSource):
@@ -121,18 +158,28 @@ class ParallelText(DataSource):
         ]
         return super().fingerprint() + "|".join(stamps)
 
-    def load(self, split):
+    def chunks(self, split):
         if self.prefixes[split] is None:
             return None
-        src_path, tgt_path = self._path(split, self.src_lang), self._path(split, self.tgt_lang)
-        src, tgt = _read_lines(src_path), _read_lines(tgt_path)
-        if len(src) != len(tgt):
-            raise DataError(f"parallel files differ in length: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}")
-        for path, lines in ((src_path, src), (tgt_path, tgt)):
-            for i, line in enumerate(lines, 1):
-                if not line.strip():
-                    raise DataError(f"{path}:{i}: empty line (its pair is not empty, or both are)")
-        return _pairs(src, tgt)
+        return self._chunks(self._path(split, self.src_lang), self._path(split, self.tgt_lang))
+
+    def _chunks(self, src_path: Path, tgt_path: Path):
+        src, tgt, done = _line_chunks(src_path), _line_chunks(tgt_path), 0
+        while True:
+            a, b = next(src, None), next(tgt, None)
+            if a is None or b is None or len(a) != len(b):
+                if a is None and b is None:
+                    return
+                n = {
+                    path: done + sum(map(len, rest)) + (len(c) if c is not None else 0)
+                    for path, c, rest in ((src_path, a, src), (tgt_path, b, tgt))
+                }
+                raise DataError(f"parallel files differ in length: {src_path} has {n[src_path]} lines, {tgt_path} has {n[tgt_path]}")
+            for path, text in ((src_path, a), (tgt_path, b)):
+                if (i := _first_blank(text)) is not None:
+                    raise DataError(f"{path}:{done + i + 1}: empty line (its pair is not empty, or both are)")
+            done += len(a)
+            yield pa.table({"source": a, "target": b})
 
 
 class TextLines(DataSource):
@@ -145,44 +192,50 @@ class TextLines(DataSource):
     def fingerprint(self):
         return super().fingerprint() + "|".join(_file_stamp(Path(f)) for f in self.files.values() if f and Path(f).exists())
 
-    def load(self, split):
-        if self.files[split] is None:
-            return None
-        lines = _read_lines(Path(self.files[split]))
-        texts = [line for line in lines if line.strip()]
-        if not texts:
-            raise DataError(f"{self.files[split]}: no text, only blank lines")
-        if len(texts) < len(lines):
-            rank_zero_info(f"{self.files[split]}: skipped {len(lines) - len(texts)} blank lines of {len(lines)}")
-        return datasets.Dataset.from_dict({"text": texts})
+    def chunks(self, split):
+        return None if self.files[split] is None else self._chunks(Path(self.files[split]))
+
+    def _chunks(self, path: Path):
+        lines = kept = 0
+        for text in _line_chunks(path):
+            real = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
+            lines, kept = lines + len(text), kept + pc.sum(real).as_py()
+            yield pa.table({"text": text.filter(real)})
+        if not kept:
+            raise DataError(f"{path}: no text, only blank lines")
+        if kept < lines:
+            rank_zero_info(f"{path}: skipped {lines - kept} blank lines of {lines}")
 
 
-def _get(row: dict, column: str):
-    """`column` may address a nested field, e.g. `translation.de`."""
-    for key in column.split("."):
-        row = row[key]
-    return row
-
-
-def _select_columns(ds: datasets.Dataset, columns: dict[str, str], where: str, first_line: int) -> datasets.Dataset:
-    """Our columns (`columns`' keys) from the file's (its values). Text must be non-blank;
-    a `label` may also be an integer."""
-    if len(ds) == 0:
+def _select_columns(ds: datasets.Dataset, columns: dict[str, str], where: str, first_line: int) -> Iterator[pa.Table]:
+    """Our columns (`columns`' keys) from the file's (its values; dots reach nested
+    fields), a chunk at a time. Text must be non-blank; a `label` may also be an integer."""
+    table = ds.data.table
+    if table.num_rows == 0:
         raise DataError(f"{where}: empty dataset")
-    row = ds[0]
-    for col in columns.values():
-        try:
-            _get(row, col)
-        except (KeyError, TypeError):
-            raise DataError(f"{where}: no column {col!r}; columns are {ds.column_names}") from None
-    out = {ours: [_get(r, theirs) for r in ds] for ours, theirs in columns.items()}
-    for ours, values in out.items():
-        for i, v in enumerate(values):
-            if not ((isinstance(v, str) and v.strip()) or (ours == "label" and isinstance(v, int) and not isinstance(v, bool))):
-                raise DataError(
-                    f"{where}:{i + first_line}: column {columns[ours]!r} is empty or not {'a label' if ours == 'label' else 'text'} ({v!r})"
-                )
-    return datasets.Dataset.from_dict(out)
+    while any(pa.types.is_struct(field.type) for field in table.schema):
+        table = table.flatten()  # `translation.de` becomes a column of its own
+    for theirs in columns.values():
+        if theirs not in table.column_names:
+            raise DataError(f"{where}: no column {theirs!r}; columns are {ds.column_names}")
+    for start in range(0, table.num_rows, CHUNK_ROWS):
+        part = table.slice(start, CHUNK_ROWS)
+        out = {}
+        for ours, theirs in columns.items():
+            values = part.column(theirs).combine_chunks()
+            if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+                bad = pc.or_kleene(pc.is_null(values), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+            elif ours == "label" and pa.types.is_integer(values.type):
+                bad = pc.is_null(values)
+            else:
+                bad = pa.array(np.ones(len(values), dtype=bool))
+            where_bad = np.flatnonzero(bad.fill_null(True).to_numpy(zero_copy_only=False))
+            if where_bad.size:
+                i = int(where_bad[0])
+                what = "a label" if ours == "label" else "text"
+                raise DataError(f"{where}:{start + i + first_line}: column {theirs!r} is empty or not {what} ({values[i].as_py()!r})")
+            out[ours] = values
+        yield pa.table(out)
 
 
 class TableFiles(DataSource):
@@ -206,7 +259,7 @@ class TableFiles(DataSource):
     def fingerprint(self):
         return super().fingerprint() + "|".join(_file_stamp(Path(f)) for f in self.files.values() if f and Path(f).exists())
 
-    def load(self, split):
+    def chunks(self, split):
         path = self.files[split]
         if path is None:
             return None
@@ -235,7 +288,7 @@ class HubDataset(DataSource):
         self.name, self.config, self.columns = name, config, columns
         self.splits = {"train": "train", "val": "validation", "test": "test", **(splits or {})}
 
-    def load(self, split):
+    def chunks(self, split):
         ds = datasets.load_dataset(self.name, self.config, split=self.splits[split])
         return _select_columns(ds, self.columns, f"{self.name}[{self.splits[split]}]", first_line=1)
 

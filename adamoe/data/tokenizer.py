@@ -4,7 +4,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from adamoe.errors import ConfigError
 
@@ -19,6 +20,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=WORD_START)
     tok.decoder = decoders.Metaspace(replacement=WORD_START)
+    # Every sequence ends in </s>, added where the ids are made instead of by copying them.
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, EOS_ID)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS, show_progress=False)
     tok.train_from_iterator(texts, trainer)
     if tok.get_vocab_size() > vocab_size:
@@ -37,3 +40,18 @@ def load_or_train(path: Path, texts: Iterable[str], vocab_size: int) -> tuple[To
     tok.save(str(tmp))
     tmp.replace(path)  # atomic: a reader never sees half a file
     return tok, False
+
+
+def sample(parts: Iterable[list[str]], size: int, seed: int = 0) -> list[str]:
+    """A uniform sample of `size` texts from a stream of lists of them (reservoir sampling:
+    the k-th text replaces a random slot with probability size / k), or all when fewer."""
+    rng, kept, seen = np.random.default_rng(seed), [], 0
+    for texts in parts:
+        fill = max(0, min(len(texts), size - len(kept)))
+        kept += texts[:fill]
+        later = np.arange(seen + fill, seen + len(texts))
+        slots = (rng.random(len(later)) * (later + 1)).astype(np.int64)
+        for j in np.flatnonzero(slots < size):
+            kept[slots[j]] = texts[fill + j]
+        seen += len(texts)
+    return kept
