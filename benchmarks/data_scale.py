@@ -3,6 +3,7 @@
     python benchmarks/data_scale.py                    # 1M, 4M and 10M pairs (about an hour)
     python benchmarks/data_scale.py --pairs 2000000    # other sizes
     python benchmarks/data_scale.py --quick            # 20k pairs, a minute
+    python benchmarks/data_scale.py --pairs 1000000 --bpe-samples 20000 200000   # BPE from samples
 
 Each training line joins two Multi30k sentences (about 25 words; 1M pairs is 270 MB of
 text), written to a temporary folder beside Multi30k's own val and test files. For each
@@ -98,6 +99,35 @@ def ordering_seconds(cache: Path, max_tokens: int = 4096, layers: int = 2) -> di
     return out
 
 
+def bpe_sample_effect(multi30k: Path, pairs: int, samples: list[int], work: Path):
+    """BPE learnt from samples of a generated corpus against BPE learnt from all of it:
+    the share of the vocabulary they share, and tokens per sentence on Multi30k's val set
+    (more tokens: words cut into more pieces)."""
+    from adamoe.data.sources import ParallelText
+    from adamoe.data.tokenizer import sample, train_bpe
+
+    corpus = work / "bpe-corpus"
+    generate(multi30k, pairs, corpus)
+    source = ParallelText(str(corpus), "de", "en", test=None)
+
+    def texts():
+        return ([t for col in ("source", "target") for t in chunk.column(col).to_pylist()] for chunk in source.chunks("train"))
+
+    val = [t for col in ("source", "target") for t in source.load("val")[col]]
+    full = train_bpe((t for part in texts() for t in part), 8000)
+    full_vocab = set(full.get_vocab())
+    print(f"| BPE from | vocabulary shared with BPE from all {2 * pairs:,} texts | val tokens per sentence | seconds |")
+    print("|---|---|---|---|")
+    for size in [*samples, None]:
+        started = time.perf_counter()
+        tok = full if size is None else train_bpe(sample(texts(), size), 8000)
+        took = time.perf_counter() - started
+        tokens = sum(len(e.ids) for e in tok.encode_batch(val)) / len(val)
+        shared = len(set(tok.get_vocab()) & full_vocab) / len(full_vocab)
+        print(f"| {'all' if size is None else f'{size:,}'} | {shared:.3f} | {tokens:.2f} | {took:.0f} |")
+    shutil.rmtree(corpus)
+
+
 def size_gb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**30
 
@@ -110,9 +140,12 @@ def main():
     p.add_argument("--pairs", type=int, nargs="+", default=[1_000_000, 4_000_000, 10_000_000])
     p.add_argument("--quick", action="store_true", help="one corpus of 20k pairs")
     p.add_argument("--work", type=Path, help="where corpora and caches go (default: a temporary folder, removed after)")
+    p.add_argument("--bpe-samples", type=int, nargs="*", help="instead: BPE from samples of these sizes against all, on --pairs[0]")
     args = p.parse_args()
     sizes = [20_000] if args.quick else args.pairs
     work = Path(args.work or tempfile.mkdtemp(prefix="adamoe-scale-"))
+    if args.bpe_samples:
+        return bpe_sample_effect(args.data, sizes[0], args.bpe_samples, work)
     print(f"# data_scale on {cpu_model()}, {os.cpu_count()} cores; times in s, memory in GB (peak RSS)")
     columns = ["pairs", "first run", "prep pairs/s", "RSS", "tokenizer cached", "prep pairs/s", "RSS", "cached run", "RSS", "cache GB"]
     print("| " + " | ".join([*columns, "order length", "order paper"]) + " |")

@@ -120,7 +120,7 @@ class TextData(LightningDataModule):
             if self.source.chunks(split) is not None:
                 started, bar = time.perf_counter(), tqdm(desc=f"Tokenizing {split}", unit=" samples", unit_scale=True, leave=False)
                 tables = (store.encode(tok, self.prepare_columns(c, split), self.COLUMNS, self.KEEP) for c in self._chunks(split))
-                rows = store.write(staging / f"{split}.arrow", (bar.update(len(t)) or t for t in tables))
+                rows = store.write(staging / f"{split}.arrow", _counted(tables, bar))
                 bar.close()
                 rank_zero_info(f"Tokenized {split}: {rows:,} samples in {time.perf_counter() - started:.0f} s")
         try:
@@ -241,3 +241,9 @@ class TextData(LightningDataModule):
 
     def predict_dataloader(self):
         return self._loader(self.predict_split, self._sampler(self.predict_split, "sorted"))
+
+
+def _counted(tables, bar):
+    for table in tables:
+        bar.update(len(table))
+        yield table
