@@ -152,3 +152,27 @@ def test_word_by_word_ids_equal_the_tokenizers_own(tmp_path):
     got = token_ids(tok, pa.array(texts)).to_pylist()
     assert got == [e.ids for e in tok.encode_batch(texts)]
     assert all(ids[-1] == EOS_ID for ids in got)
+
+
+def test_preparation_streams_through_a_redrawing_progress_bar(tmp_path, monkeypatch):
+    """tqdm's `update` returns True whenever it redraws, which on a large corpus is every
+    chunk: the tokenized chunks must still reach the cache."""
+    from adamoe.data import SyntheticTranslation, TranslationData, datamodule
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            self.n = 0
+
+        def update(self, n):
+            self.n += n
+            return True
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(datamodule, "tqdm", Bar)
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 50)
+    dm = TranslationData(SyntheticTranslation(200, 20, 20), vocab_size=300, max_tokens=512, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 200 and len(dm.splits["test"]) == 20
