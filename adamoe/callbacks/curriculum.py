@@ -1,5 +1,7 @@
 """Feeds the data module's curriculum with routing complexity and shows what the order does."""
 
+import zlib
+
 import numpy as np
 import torch
 from lightning.pytorch import Callback
@@ -23,8 +25,7 @@ class Curriculum(Callback):
         self.loads = []
         # Ranks that disagree on the order would silently train on overlapping shards.
         plan = trainer.datamodule.train_sampler.global_batches()
-        M = 1_000_003
-        checksum = torch.tensor([float(((np.arange(1, len(plan.order) + 1) % M) * (plan.order % M) % M).sum() % M)])
+        checksum = torch.tensor([float(zlib.crc32(memoryview(np.ascontiguousarray(plan.order))))])  # no copy of the order
         sums = trainer.strategy.all_gather(checksum.to(trainer.strategy.root_device)).reshape(-1)
         if not torch.all(sums == sums[0]):
             raise RuntimeError(f"ranks computed different batch orders for epoch {trainer.current_epoch}: checksums {sums.tolist()}")

@@ -54,9 +54,8 @@ class Plan:
     def reorder(self, batches: np.ndarray) -> "Plan":
         """The same batches, in the order `batches` gives."""
         sizes = np.diff(self.bounds)[batches]
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
-        take = np.repeat(self.bounds[:-1][batches] - bounds[:-1], sizes) + np.arange(bounds[-1])
-        return Plan(self.order[take], bounds)
+        order = np.concatenate([self.order[self.bounds[b] : self.bounds[b + 1]] for b in batches.tolist()]) if len(batches) else self.order
+        return Plan(order, np.concatenate([[0], np.cumsum(sizes)]))
 
 
 def pack(order: np.ndarray, lengths: np.ndarray, max_tokens: int | None, batch_size: int | None, ways: int = 1) -> Plan:

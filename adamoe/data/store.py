@@ -78,8 +78,8 @@ def write(path: Path, tables: Iterable[pa.Table]) -> int:
 
 
 def _lengths(column: pa.ChunkedArray) -> np.ndarray:
-    parts = [np.diff(chunk.offsets.to_numpy()) for chunk in column.chunks]
-    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+    parts = [np.diff(chunk.offsets.to_numpy()).astype(np.int32, copy=False) for chunk in column.chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
 class Split:
