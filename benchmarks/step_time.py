@@ -13,10 +13,12 @@ FlopCounterMode), which `replicate.py --report-only` reads.
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adamoe.data import ParallelText, TranslationData
 from adamoe.tasks import TranslationModule
+from adamoe.transformer import TransformerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,9 +47,21 @@ def recorded_batches(data: Path, summary: dict, n: int) -> list[dict]:
 
 
 def load(checkpoint: str):
-    module = TranslationModule.load_from_checkpoint(checkpoint, map_location="cpu").train()
+    """A run's module and optimizer. The replication's runs were made before the shape moved
+    into `net`: their flat shape arguments become `net`, their weights move from `model.`,
+    and the schedule's module is `adamoe.schedulers`."""
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+    hparams = state["hyper_parameters"]
+    if "net" not in hparams:
+        hparams["net"] = {k: hparams.pop(k) for k in [f.name for f in dataclasses.fields(TransformerConfig)] if k in hparams}
+        state["state_dict"] = {k.replace("model.", "net.", 1) if k.startswith("model.") else k: v for k, v in state["state_dict"].items()}
+        scheduler = hparams["lr_scheduler"]
+        scheduler["class_path"] = scheduler["class_path"].replace("adamoe.module.", "adamoe.schedulers.")
+    with tempfile.NamedTemporaryFile(suffix=".ckpt") as f:
+        torch.save(state, f.name)
+        module = TranslationModule.load_from_checkpoint(f.name, map_location="cpu").train()
     optimizer = module.optimizer(module.parameters())  # as configured for the run
-    optimizer.load_state_dict(torch.load(checkpoint, weights_only=True, map_location="cpu")["optimizer_states"][0])
+    optimizer.load_state_dict(state["optimizer_states"][0])
     return module, optimizer
 
 
