@@ -2,9 +2,10 @@
 
 `benchmarks/throughput.py --profile` shows what each replaces: on CPU, torch's dropout
 draws one Mersenne-Twister number per element (about a sixth of a Multi30k training
-step), its flash-attention backward in bf16 runs slower than the three ops below, and
-two cross-entropies over the vocabulary (label-smoothed and plain) cost four passes
-over the logits forward and more backward. On CUDA the first two fall back to PyTorch.
+step), and its flash-attention backward in bf16 runs slower than the three ops below.
+On CUDA these two fall back to PyTorch. The output projection and the two
+cross-entropies over the vocabulary (label-smoothed and plain) are one op, so the
+[T, V] logits and their gradient are never stored.
 """
 
 import math
@@ -75,57 +76,83 @@ def math_attention(q_BHSd, k_BHSd, v_BHSd, mask=None, dropout_p: float = 0.0, is
     return probs_BHSS @ v_BHSd
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """Label-smoothed and plain token cross-entropy in one pass over the logits forward
-    and one backward, a block of rows at a time so that the fp32 temporaries stay in
-    cache. Saves the log-sum-exp per row, not an fp32 copy of the log-probabilities.
-    Backward is softmax minus the smoothed target distribution."""
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Label-smoothed and plain token cross-entropy of `h_TD @ weight_VD.T`, without the
+    [T, V] logits: a block of rows at a time, each block's logits are made, reduced to
+    their log-sum-exp and, when training, turned into their softmax's share of both
+    gradients at once, so the logits never leave cache and are never stored or remade.
+    Backward adds what depends on the gradients of the two losses: the target rows and
+    the uniform part of label smoothing, both cheap (a gather and a rank-one term)."""
 
     @staticmethod
-    def rows(logits_TV: Tensor) -> int:
-        # On CPU a block's fp32 temporaries fit in cache (64 x an 8,000-word vocabulary =
-        # 2 MB); a GPU wants fewer, larger kernels, with memory still bounded.
-        return 64 if logits_TV.device.type == "cpu" else 1024
+    def rows(h_TD: Tensor, V: int) -> int:
+        # On CPU, blocks of about 32 MB of fp32 logits: small enough for the last-level
+        # cache, large enough that the weight-gradient matmul (rows deep) runs near full
+        # speed; on a GPU, bounded memory in few kernels.
+        return max(128, (2**23 if h_TD.device.type == "cpu" else 2**27) // V)
 
     @staticmethod
-    def forward(ctx, logits_TV, target_T, ignore_index, smoothing):
-        T, V = logits_TV.shape
+    def forward(ctx, h_TD, weight_VD, target_T, ignore_index, smoothing, train):
+        (T, D), V = h_TD.shape, weight_VD.shape[0]
         valid_T = target_T.ne(ignore_index)
-        count = valid_T.sum().clamp_min(1)
+        scale_T = valid_T / valid_T.sum().clamp_min(1)
         safe_T = target_T.masked_fill(~valid_T, 0)
-        lse_T, total_T = logits_TV.new_empty(T, dtype=torch.float32), logits_TV.new_empty(T, dtype=torch.float32)
-        size = _CrossEntropy.rows(logits_TV)
+        lse_T, at_target_T = h_TD.new_empty(T, dtype=torch.float32), h_TD.new_empty(T, dtype=torch.float32)
+        # The softmax's part of the gradients, for a loss of weight 1.
+        grad_h_TD = torch.empty_like(h_TD) if train else None
+        grad_w_VD = h_TD.new_zeros(V, D, dtype=torch.float32) if train else None
+        size = _LinearCrossEntropy.rows(h_TD, V)
+        z_RV = h_TD.new_empty(min(size, T), V)
+        block_rows = torch.arange(size, device=h_TD.device)
         for r in range(0, T, size):
-            block = logits_TV[r : r + size].float()
-            torch.logsumexp(block, -1, out=lse_T[r : r + size])
-            torch.sum(block, -1, out=total_T[r : r + size])
-        nll_T = lse_T - logits_TV.gather(1, safe_T[:, None]).squeeze(1).float()
-        uniform_T = lse_T - total_T / V
-        nll = (nll_T * valid_T).sum() / count
-        smoothed = ((1 - smoothing) * nll_T + smoothing * uniform_T).mul(valid_T).sum() / count
-        ctx.save_for_backward(logits_TV, safe_T, valid_T, count, lse_T)
+            rows, h_RD = slice(r, r + size), h_TD[r : r + size]
+            z = torch.mm(h_RD, weight_VD.t(), out=z_RV[: len(h_RD)]).float()
+            at_target_T[rows] = z[block_rows[: len(z)], safe_T[rows]]
+            top = z.amax(1, keepdim=True)
+            p = z.sub_(top).exp_()
+            total = p.sum(1, keepdim=True)
+            lse_T[rows] = (top + total.log()).squeeze(1)
+            if train:
+                p = p.mul_(scale_T[rows, None] / total).to(h_TD.dtype)
+                torch.mm(p, weight_VD, out=grad_h_TD[rows])
+                if p.dtype == grad_w_VD.dtype:  # out= rather than addmm_, which FLOP counters miss
+                    torch.addmm(grad_w_VD, p.t(), h_RD, out=grad_w_VD)
+                else:  # bf16 blocks, summed in fp32
+                    grad_w_VD.add_(torch.mm(p.t(), h_RD))
+        # The mean logit of a row, for the uniform part of label smoothing, is h . (sum of rows of W) / V.
+        sum_w_D = weight_VD.float().sum(0)
+        nll_T = lse_T - at_target_T
+        uniform_T = lse_T - h_TD.float() @ sum_w_D / V
+        nll = (nll_T * scale_T).sum()
+        smoothed = ((1 - smoothing) * nll_T + smoothing * uniform_T).mul(scale_T).sum()
+        ctx.save_for_backward(h_TD, weight_VD, safe_T, scale_T, sum_w_D, grad_h_TD, grad_w_VD)
         ctx.smoothing = smoothing
         return smoothed, nll
 
     @staticmethod
     def backward(ctx, g_smoothed, g_nll):
-        logits_TV, safe_T, valid_T, count, lse_T = ctx.saved_tensors
-        s, (T, V) = ctx.smoothing, logits_TV.shape
-        scale_T = valid_T / count
-        at_target_T = ((1 - s) * g_smoothed + g_nll) * scale_T
-        grad_TV = torch.empty_like(logits_TV)
-        size = _CrossEntropy.rows(logits_TV)
-        block_rows = torch.arange(size, device=logits_TV.device)
-        for r in range(0, T, size):
-            rows = slice(r, r + size)
-            p = (logits_TV[rows].float() - lse_T[rows, None]).exp_()
-            p.mul_(g_smoothed + g_nll).sub_(s / V * g_smoothed).mul_(scale_T[rows, None])
-            p[block_rows[: len(p)], safe_T[rows]] -= at_target_T[rows]
-            grad_TV[rows] = p
-        return grad_TV, None, None, None
+        h_TD, weight_VD, safe_T, scale_T, sum_w_D, grad_h_TD, grad_w_VD = ctx.saved_tensors
+        s, V = ctx.smoothing, weight_VD.shape[0]
+        # d(loss)/d(logit) = (g_s + g_n) softmax - ((1 - s) g_s + g_n) onehot(target) - s g_s / V.
+        soft, uniform = g_smoothed + g_nll, s * g_smoothed / V
+        at_target_T = scale_T * ((1 - s) * g_smoothed + g_nll)
+        grad_h = soft * grad_h_TD.float() - at_target_T[:, None] * weight_VD[safe_T].float() - uniform * torch.outer(scale_T, sum_w_D)
+        grad_w = (soft * grad_w_VD).index_add_(0, safe_T, at_target_T[:, None] * h_TD.float(), alpha=-1)
+        grad_w -= uniform * (scale_T @ h_TD.float())
+        return grad_h.to(h_TD.dtype), grad_w.to(weight_VD.dtype), None, None, None, None
 
 
-def cross_entropy(logits_TV: Tensor, target_T: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
-    """(label-smoothed loss, plain loss), each the mean over targets != ignore_index, as
-    `F.cross_entropy` computes them."""
-    return _CrossEntropy.apply(logits_TV, target_T, ignore_index, label_smoothing)
+def linear_cross_entropy(
+    h_TD: Tensor, weight_VD: Tensor, target_T: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """(label-smoothed loss, plain loss) of the logits `h_TD @ weight_VD.T`, each the mean
+    over targets != ignore_index, as `F.cross_entropy(F.linear(h, weight), ...)` computes
+    them, in the autocast dtype when autocast is on."""
+    device = h_TD.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_TD.dtype
+    # Inside a Function grad mode is off and needs_input_grad ignores it: ask out here
+    # whether a backward can come, or evaluation would pay for gradients.
+    train = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
+    # The blocks write into preallocated outputs, which autocast cannot see through.
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(h_TD.to(dtype), weight_VD.to(dtype), target_T, ignore_index, label_smoothing, train)

@@ -197,21 +197,24 @@ class Transformer(nn.Module):
             routings += [r] if r is not None else []
         return self.encoder_norm(x), routings
 
-    def decode(self, tgt_BS, memory_BSD=None, src_pad_BS=None, tgt_pad_BS=None, cache: list[dict] | None = None, start: int = 0):
-        """Decoder logits; without `memory_BSD` (decoder-only models) there is no cross-attention."""
+    def decode(self, tgt_BS, memory_BSD=None, src_pad_BS=None, tgt_pad_BS=None, cache=None, start: int = 0, project: bool = True):
+        """Decoder logits, or with `project=False` the states the output layer projects
+        (a loss can then fuse the projection, `adamoe.ops.linear_cross_entropy`). Without
+        `memory_BSD` (decoder-only models) there is no cross-attention."""
         memory_mask = None if memory_BSD is None else ~src_pad_BS[:, None, None, :]
         x, routings = self._embed(tgt_BS, start), []
         for i, block in enumerate(self.decoder):
             x, r = block(x, tgt_pad_BS, causal=True, cache=None if cache is None else cache[i], memory=memory_BSD, memory_mask=memory_mask)
             routings += [r] if r is not None else []
-        return self.output(self.decoder_norm(x)), routings
+        x = self.decoder_norm(x)
+        return self.output(x) if project else x, routings
 
-    def forward(self, src_BS, tgt_in_BS, src_pad_BS=None, tgt_pad_BS=None) -> tuple[Tensor, list[Routing]]:
+    def forward(self, src_BS, tgt_in_BS, src_pad_BS=None, tgt_pad_BS=None, project: bool = True) -> tuple[Tensor, list[Routing]]:
         src_pad_BS = src_BS.eq(self.pad_id) if src_pad_BS is None else src_pad_BS
         tgt_pad_BS = tgt_in_BS.eq(self.pad_id) if tgt_pad_BS is None else tgt_pad_BS
         memory, enc_routings = self.encode(src_BS, src_pad_BS)
-        logits, dec_routings = self.decode(tgt_in_BS, memory, src_pad_BS, tgt_pad_BS)
-        return logits, enc_routings + dec_routings
+        out, dec_routings = self.decode(tgt_in_BS, memory, src_pad_BS, tgt_pad_BS, project=project)
+        return out, enc_routings + dec_routings
 
     @torch.no_grad()
     def generate(

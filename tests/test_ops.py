@@ -4,38 +4,62 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adamoe.ops import attention, cross_entropy, dropout, math_attention
+from adamoe.ops import _LinearCrossEntropy, attention, dropout, linear_cross_entropy, math_attention
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 64 rows, so that 150 rows are two blocks and a part block."""
+    monkeypatch.setattr(_LinearCrossEntropy, "rows", staticmethod(lambda h, V: 64))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_cross_entropy_matches_torch_in_value_and_gradient(dtype, smoothing):
+def test_linear_cross_entropy_matches_torch_in_value_and_gradient(small_blocks, autocast, smoothing):
     torch.manual_seed(0)
-    logits = (3 * torch.randn(150, 37)).to(dtype)  # on CPU: two blocks of 64 rows and a part block
+    h = torch.randn(150, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)
     target = torch.randint(0, 37, (150,))
     target[::7] = 0  # padding
-    ours = logits.clone().requires_grad_()
-    ref = logits.float().clone().requires_grad_()
-    smoothed, nll = cross_entropy(ours, target, 0, smoothing)
-    want_smoothed = F.cross_entropy(ref, target, ignore_index=0, label_smoothing=smoothing)
-    want_nll = F.cross_entropy(ref, target, ignore_index=0)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        smoothed, nll = linear_cross_entropy(h, weight, target, 0, smoothing)
+    assert smoothed.dtype == nll.dtype == torch.float32
+    # The reference sees the logits in the precision the op computes them in.
+    h_ref, w_ref = h.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    dtype = torch.bfloat16 if autocast else torch.float32
+    logits = F.linear(h_ref.to(dtype), w_ref.to(dtype)).float()
+    want_smoothed = F.cross_entropy(logits, target, ignore_index=0, label_smoothing=smoothing)
+    want_nll = F.cross_entropy(logits, target, ignore_index=0)
     torch.testing.assert_close(smoothed, want_smoothed)
     torch.testing.assert_close(nll, want_nll)
     # Both outputs carry gradient: weigh them differently to see each one's share.
     (2 * smoothed + 0.5 * nll).backward()
     (2 * want_smoothed + 0.5 * want_nll).backward()
-    assert ours.grad.dtype == dtype
-    torch.testing.assert_close(ours.grad.float(), ref.grad, **({} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 1e-2}))
-    assert ours.grad[::7].abs().sum() == 0
+    tol = {} if not autocast else {"atol": 2e-3, "rtol": 2e-2}
+    torch.testing.assert_close(h.grad, h_ref.grad, **tol)
+    torch.testing.assert_close(weight.grad, w_ref.grad, **tol)
+    assert h.grad[::7].abs().sum() == 0
 
 
-def test_cross_entropy_of_nll_alone_has_its_own_gradient():
+def test_linear_cross_entropy_of_nll_alone_has_its_own_gradient():
     torch.manual_seed(1)
-    logits = torch.randn(20, 11, requires_grad=True)
+    h, weight = torch.randn(20, 5, requires_grad=True), torch.randn(11, 5, requires_grad=True)
     target = torch.randint(1, 11, (20,))
-    cross_entropy(logits, target, 0, 0.3)[1].backward()
-    want = torch.autograd.grad(F.cross_entropy(logits, target), logits)[0]
-    torch.testing.assert_close(logits.grad, want)
+    linear_cross_entropy(h, weight, target, 0, 0.3)[1].backward()
+    want = torch.autograd.grad(F.cross_entropy(F.linear(h, weight), target), (h, weight))
+    torch.testing.assert_close(h.grad, want[0])
+    torch.testing.assert_close(weight.grad, want[1])
+
+
+def test_linear_cross_entropy_makes_no_gradients_without_grad_mode(monkeypatch):
+    made = []
+    monkeypatch.setattr(torch, "mm", lambda *a, _mm=torch.mm, **k: made.append(1) or _mm(*a, **k))
+    h, weight = torch.randn(20, 5, requires_grad=True), torch.randn(11, 5, requires_grad=True)
+    with torch.no_grad():
+        smoothed, nll = linear_cross_entropy(h, weight, torch.randint(0, 11, (20,)), -100, 0.1)
+    assert len(made) == 1 and not smoothed.requires_grad  # the logits' matmul, and no gradient matmuls
+    linear_cross_entropy(h, weight, torch.randint(0, 11, (20,)), -100, 0.1)
+    assert len(made) == 3
 
 
 def test_dropout_keeps_the_right_share_independently_and_scales():

@@ -4,7 +4,7 @@ from torchmetrics import MeanMetric
 
 from adamoe.data.batch import Batch
 from adamoe.errors import ConfigError
-from adamoe.ops import cross_entropy
+from adamoe.ops import linear_cross_entropy
 from adamoe.tasks.base import MoEModule, Perplexity
 
 
@@ -20,12 +20,12 @@ class LanguageModelModule(MoEModule):
         if config.num_encoder_layers:
             raise ConfigError("LanguageModelModule is decoder-only: set net.num_encoder_layers: 0")
 
-    def forward(self, batch: Batch):
-        return self.net.decode(batch["tgt_in"], tgt_pad_BS=batch["tgt_pad"])
+    def forward(self, batch: Batch, project: bool = True):
+        return self.net.decode(batch["tgt_in"], tgt_pad_BS=batch["tgt_pad"], project=project)
 
     def step(self, batch):
-        logits, routings = self(batch)
-        _, nll = cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["tgt_out"].reshape(-1), self.hparams.pad_id)
+        h_BSD, routings = self(batch, project=False)
+        nll, _ = linear_cross_entropy(h_BSD.flatten(0, 1), self.net.output.weight, batch["tgt_out"].flatten(), self.hparams.pad_id)
         return nll, {}, routings
 
     def metrics(self, stage):

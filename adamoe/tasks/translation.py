@@ -4,7 +4,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore
 
 from adamoe.data.batch import Batch
-from adamoe.ops import cross_entropy
+from adamoe.ops import linear_cross_entropy
 from adamoe.tasks.base import MoEModule, Perplexity
 
 
@@ -31,14 +31,13 @@ class TranslationModule(MoEModule):
     ):
         super().__init__(**kwargs)
 
-    def forward(self, batch: Batch):
-        return self.net(batch["src"], batch["tgt_in"], batch["src_pad"], batch["tgt_pad"])
+    def forward(self, batch: Batch, project: bool = True):
+        return self.net(batch["src"], batch["tgt_in"], batch["src_pad"], batch["tgt_pad"], project=project)
 
     def _losses(self, batch: Batch):
-        logits, routings = self(batch)
-        target = batch["tgt_out"]
-        smoothed, nll = cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), self.hparams.pad_id, self.hparams.label_smoothing
+        h_BSD, routings = self(batch, project=False)
+        smoothed, nll = linear_cross_entropy(
+            h_BSD.flatten(0, 1), self.net.output.weight, batch["tgt_out"].flatten(), self.hparams.pad_id, self.hparams.label_smoothing
         )
         return smoothed, nll, routings
 
