@@ -102,18 +102,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h_TD = torch.empty_like(h_TD) if train else None
         grad_w_VD = h_TD.new_zeros(V, D, dtype=torch.float32) if train else None
         size = _LinearCrossEntropy.rows(h_TD, V)
+        # One block's logits in the matmul dtype, and in fp32 for the softmax: reused
+        # block after block, so that casts and fresh pages do not cost a pass each.
         z_RV = h_TD.new_empty(min(size, T), V)
+        f_RV = z_RV if z_RV.dtype == torch.float32 else torch.empty_like(z_RV, dtype=torch.float32)
         block_rows = torch.arange(size, device=h_TD.device)
         for r in range(0, T, size):
             rows, h_RD = slice(r, r + size), h_TD[r : r + size]
-            z = torch.mm(h_RD, weight_VD.t(), out=z_RV[: len(h_RD)]).float()
-            at_target_T[rows] = z[block_rows[: len(z)], safe_T[rows]]
-            top = z.amax(1, keepdim=True)
-            p = z.sub_(top).exp_()
+            z, f = torch.mm(h_RD, weight_VD.t(), out=z_RV[: len(h_RD)]), f_RV[: len(h_RD)]
+            if f is not z:
+                f.copy_(z)
+            at_target_T[rows] = f[block_rows[: len(f)], safe_T[rows]]
+            top = f.amax(1, keepdim=True)
+            p = f.sub_(top).exp_()
             total = p.sum(1, keepdim=True)
             lse_T[rows] = (top + total.log()).squeeze(1)
             if train:
-                p = p.mul_(scale_T[rows, None] / total).to(h_TD.dtype)
+                p = p.mul_(scale_T[rows, None] / total)
+                if p is not z:
+                    p = z.copy_(p)
                 torch.mm(p, weight_VD, out=grad_h_TD[rows])
                 if p.dtype == grad_w_VD.dtype:  # out= rather than addmm_, which FLOP counters miss
                     torch.addmm(grad_w_VD, p.t(), h_RD, out=grad_w_VD)
