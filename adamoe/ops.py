@@ -94,18 +94,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_TD, weight_VD, target_T, ignore_index, smoothing, train):
         (T, D), V = h_TD.shape, weight_VD.shape[0]
+        acc = torch.promote_types(h_TD.dtype, torch.float32)  # fp32 for bf16 and fp16, else their own
         valid_T = target_T.ne(ignore_index)
-        scale_T = valid_T / valid_T.sum().clamp_min(1)
+        scale_T = valid_T.to(acc) / valid_T.sum().clamp_min(1)
         safe_T = target_T.masked_fill(~valid_T, 0)
-        lse_T, at_target_T = h_TD.new_empty(T, dtype=torch.float32), h_TD.new_empty(T, dtype=torch.float32)
+        lse_T, at_target_T = h_TD.new_empty(T, dtype=acc), h_TD.new_empty(T, dtype=acc)
         # The softmax's part of the gradients, for a loss of weight 1.
         grad_h_TD = torch.empty_like(h_TD) if train else None
-        grad_w_VD = h_TD.new_zeros(V, D, dtype=torch.float32) if train else None
+        grad_w_VD = h_TD.new_zeros(V, D, dtype=acc) if train else None
         size = _LinearCrossEntropy.rows(h_TD, V)
-        # One block's logits in the matmul dtype, and in fp32 for the softmax: reused
+        # One block's logits in the matmul dtype, and in `acc` for the softmax: reused
         # block after block, so that casts and fresh pages do not cost a pass each.
         z_RV = h_TD.new_empty(min(size, T), V)
-        f_RV = z_RV if z_RV.dtype == torch.float32 else torch.empty_like(z_RV, dtype=torch.float32)
+        f_RV = z_RV if z_RV.dtype == acc else torch.empty_like(z_RV, dtype=acc)
         block_rows = torch.arange(size, device=h_TD.device)
         for r in range(0, T, size):
             rows, h_RD = slice(r, r + size), h_TD[r : r + size]
@@ -127,9 +128,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:  # bf16 blocks, summed in fp32
                     grad_w_VD.add_(torch.mm(p.t(), h_RD))
         # The mean logit of a row, for the uniform part of label smoothing, is h . (sum of rows of W) / V.
-        sum_w_D = weight_VD.float().sum(0)
+        sum_w_D = weight_VD.to(acc).sum(0)
         nll_T = lse_T - at_target_T
-        uniform_T = lse_T - h_TD.float() @ sum_w_D / V
+        uniform_T = lse_T - h_TD.to(acc) @ sum_w_D / V
         nll = (nll_T * scale_T).sum()
         smoothed = ((1 - smoothing) * nll_T + smoothing * uniform_T).mul(scale_T).sum()
         ctx.save_for_backward(h_TD, weight_VD, safe_T, scale_T, sum_w_D, grad_h_TD, grad_w_VD)
@@ -143,9 +144,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # d(loss)/d(logit) = (g_s + g_n) softmax - ((1 - s) g_s + g_n) onehot(target) - s g_s / V.
         soft, uniform = g_smoothed + g_nll, s * g_smoothed / V
         at_target_T = scale_T * ((1 - s) * g_smoothed + g_nll)
-        grad_h = soft * grad_h_TD.float() - at_target_T[:, None] * weight_VD[safe_T].float() - uniform * torch.outer(scale_T, sum_w_D)
-        grad_w = (soft * grad_w_VD).index_add_(0, safe_T, at_target_T[:, None] * h_TD.float(), alpha=-1)
-        grad_w -= uniform * (scale_T @ h_TD.float())
+        acc = grad_w_VD.dtype
+        grad_h = soft * grad_h_TD.to(acc) - at_target_T[:, None] * weight_VD[safe_T].to(acc) - uniform * torch.outer(scale_T, sum_w_D)
+        grad_w = (soft * grad_w_VD).index_add_(0, safe_T, at_target_T[:, None] * h_TD.to(acc), alpha=-1)
+        grad_w -= uniform * (scale_T @ h_TD.to(acc))
         return grad_h.to(h_TD.dtype), grad_w.to(weight_VD.dtype), None, None, None, None
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adamoe.data.batch import collate
 from adamoe.gates import AdaptiveGate, Top1Gate
@@ -100,3 +101,17 @@ def test_classification_pools_the_first_state_or_the_mean_of_real_ones(pooling):
         n = int((~b["src_pad"][i]).sum())
         pooled = states[i, 0] if pooling == "first" else states[i, :n].mean(0)
         torch.testing.assert_close(logits[i], m.head(pooled))
+
+
+def test_translation_losses_are_those_of_the_projected_logits():
+    """The step fuses the output projection into the loss: it must equal the
+    cross-entropies of the logits the model returns, padding left out."""
+    torch.manual_seed(0)
+    m = tiny_module(label_smoothing=0.2)
+    b = batch()
+    assert b["tgt_pad"].any()  # the batch has padding to leave out
+    smoothed, logged, _ = m.step(b)
+    logits, _ = m(b)
+    flat, target = logits.flatten(0, 1), b["tgt_out"].flatten()
+    torch.testing.assert_close(smoothed, F.cross_entropy(flat, target, ignore_index=m.hparams.pad_id, label_smoothing=0.2))
+    torch.testing.assert_close(logged["nll"], F.cross_entropy(flat, target, ignore_index=m.hparams.pad_id))
