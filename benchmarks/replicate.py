@@ -248,6 +248,23 @@ def report(runs: dict[str, list[dict]], args) -> str:
             "\nModeled 8-GPU expert-parallel cost per token (per step and MoE layer, the largest load of 8 expert groups, "
             f"summed; full epochs after the first): paper order {costs['adaptive']}, no curriculum {costs['adaptive-no-curriculum']}."
         )
+    orders_file = args.out / "ep_orders.json"
+    if orders_file.exists():
+        eo = json.loads(orders_file.read_text())
+        none = eo["orders"]["none"]["max_load_per_token"]
+        out += [
+            "",
+            f"The same wait for one routing, {eo['run']}'s at the end of training, batched by each order (`benchmarks/ep_orders.py`, "
+            f"{eo['groups']} expert groups, mean over {len(eo['orders']['none']['epochs'])} epochs' orders):",
+            "",
+            "| order | largest group load per token | vs none | imbalance (1 = even) | modeled wait per epoch |",
+            "|---|---|---|---|---|",
+        ]
+        for name, o in eo["orders"].items():
+            modeled = f"{o['modeled_ms_per_epoch'] / 1e3:.1f} s" if o["modeled_ms_per_epoch"] else "n/a"
+            out.append(
+                f"| {name} | {o['max_load_per_token']:.4f} | {o['max_load_per_token'] / none:.3f} | {o['imbalance']:.3f} | {modeled} |"
+            )
     for r in runs.get("adaptive-long", []):
         every = max(1, len(r["curve"]) // 8)
         points = ", ".join(f"{p['step']}: {p['value']:.3f}" for p in r["curve"][every - 1 :: every])
