@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from replicate import cpu_model
+from replicate import RUNS, cpu_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from adamoe.data import ParallelText, TranslationData
@@ -86,17 +86,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k")
     ap.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "replication" / "runs")
-    ap.add_argument("--seed", type=int, default=0, help="which seed's checkpoint stands for each scheme")
+    ap.add_argument("--seed", type=int, help="which seed's checkpoint stands for each scheme (default: its lowest on this machine)")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     summaries = {}
-    for path in sorted(args.runs.glob(f"*-s{args.seed}.json")):
+    for path in sorted(args.runs.glob("*.json"), key=lambda p: json.loads(p.read_text())["seed"]):
         s = json.loads(path.read_text())
-        if Path(s["checkpoint"]).exists():
+        if s["name"] in RUNS and s["name"] not in summaries and Path(s["checkpoint"]).exists() and args.seed in (None, s["seed"]):
             summaries[s["name"]] = s
     if "top2" not in summaries:
-        ap.error(f"no top2 run with a checkpoint in {args.runs} (seed {args.seed})")
+        ap.error(f"no top2 run with a checkpoint in {args.runs}" + ("" if args.seed is None else f" (seed {args.seed})"))
     torch.manual_seed(0)
     batches = recorded_batches(args.data, summaries["top2"], args.batches)
     flops = {}
@@ -122,6 +122,7 @@ def main():
         "repeats": args.repeats,
         "schemes": {
             name: {
+                "seed": summaries[name]["seed"],
                 "step_s": median[name],
                 "step_s_all": times[name],
                 "vs_top2": median[name] / median["top2"],
