@@ -171,9 +171,8 @@ class Transformer(nn.Module):
 
     def forward_flops(self, src_tokens: int, tgt_tokens: int, expert_assignments: int) -> int:
         """Forward FLOPs (2 per multiply-add) of the weight matmuls for a batch with these
-        non-padding token counts: every dense weight a token passes through, the routers,
-        and one expert FFN per routing assignment. Attention scores, which depend on
-        sequence length, are left out."""
+        non-padding token counts: every dense weight a token passes through, the routers and
+        one expert FFN per assignment; not attention scores, which depend on sequence length."""
 
         def macs(module):
             return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
@@ -198,9 +197,8 @@ class Transformer(nn.Module):
         return self.encoder_norm(x), routings
 
     def decode(self, tgt_BS, memory_BSD=None, src_pad_BS=None, tgt_pad_BS=None, cache=None, start: int = 0, project: bool = True):
-        """Decoder logits, or with `project=False` the states the output layer projects
-        (a loss can then fuse the projection, `adamoe.ops.linear_cross_entropy`). Without
-        `memory_BSD` (decoder-only models) there is no cross-attention."""
+        """Decoder logits, or with `project=False` the states `output` projects (for a loss that
+        fuses it, `ops.linear_cross_entropy`). Decoder-only models pass no `memory_BSD`."""
         memory_mask = None if memory_BSD is None else ~src_pad_BS[:, None, None, :]
         x, routings = self._embed(tgt_BS, start), []
         for i, block in enumerate(self.decoder):
@@ -227,11 +225,9 @@ class Transformer(nn.Module):
         length_penalty: float = 1.0,
         use_cache: bool = True,
     ) -> Tensor:
-        """Greedy (beam_size=1) or beam search. Returns [B, <=max_len] tokens, pad after eos.
-
-        Finished beams stay in the beam with a frozen score; the final pick divides each
-        score by length ** length_penalty.
-        """
+        """Greedy (beam_size=1) or beam search: [B, <=max_len] tokens, pad after eos. Finished
+        beams stay in the beam with a frozen score; the final pick divides each score by
+        length ** length_penalty."""
         B, K = src_BS.shape[0], beam_size
         src_pad = src_BS.eq(self.pad_id)
         memory, _ = self.encode(src_BS, src_pad)
