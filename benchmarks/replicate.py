@@ -182,6 +182,10 @@ def report(runs: dict[str, list[dict]], args) -> str:
     step_time = step_record.get("schemes", {})
     # The runs trained with their own commit; the step times are those of the code that measured them.
     measured_with = f" Step times are those of the code at commit `{step_record['commit']}`." if step_record.get("commit") else ""
+    # How steep top-2's mean curve is at the target: the loss lost over the 100 steps around it.
+    around = [[value_at(r["curve"], args.budget + d) for r in runs.get("top2", [])] for d in (-50, 50)]
+    slope = (statistics.mean(around[0]) - statistics.mean(around[1])) if all(None not in a and a for a in around) else None
+    steepness = "" if slope is None else f" There top-2's mean curve falls {slope:.3f} per 100 steps."
     store = args.store.resolve().relative_to(ROOT) if args.store.resolve().is_relative_to(ROOT) else args.store
     out = [
         f"# Replication on Multi30k De→En ({args.mode} run)",
@@ -192,7 +196,8 @@ def report(runs: dict[str, list[dict]], args) -> str:
         "Model: `configs/multi30k.yaml` + `configs/preset/replicate.yaml` + `configs/preset/paper_shape.yaml`: d_model 256, "
         "FFN 512, 3+3 layers, every FFN an MoE layer of 16 experts (dense: FFN 512 everywhere). "
         f"Every run trains {args.steps} steps. The target is top-2's mean val/loss at step {args.budget}: "
-        f"**{'n/a' if target is None else f'{target:.3f}'}**. Steps to target are interpolated between validations (every 50 steps). "
+        f"**{'n/a' if target is None else f'{target:.3f}'}**.{steepness} "
+        "Steps to target are interpolated between validations (every 50 steps). "
         "Values are the mean and [min-max] over seeds. Step time is measured side by side in one process by "
         "`benchmarks/step_time.py` (median over repeats, each scheme's own trained routing), and normalized time to target "
         "is (steps ratio) x (step-time ratio). Wall-clock times of the runs are listed below but not compared: the runs "
