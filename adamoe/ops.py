@@ -107,7 +107,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # block after block, so that casts and fresh pages do not cost a pass each.
         z_RV = h_TD.new_empty(min(size, T), V)
         f_RV = z_RV if z_RV.dtype == acc else torch.empty_like(z_RV, dtype=acc)
-        block_rows = torch.arange(size, device=h_TD.device)
+        block_rows = torch.arange(len(z_RV), device=h_TD.device)
         for r in range(0, T, size):
             rows, h_RD = slice(r, r + size), h_TD[r : r + size]
             z, f = torch.mm(h_RD, weight_VD.t(), out=z_RV[: len(h_RD)]), f_RV[: len(h_RD)]

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from step_time import ROOT, load
+from step_time import ROOT, data_module, load
 
-from adamoe.data import ParallelText, TranslationData
 from adamoe.data.batch import token_counts
 from adamoe.data.batching import ShardedBatchSampler
 
@@ -73,12 +72,7 @@ def main():
     summary = json.loads((args.runs / f"{args.run}.json").read_text())
     module, _ = load(summary["checkpoint"])
     cfg = summary["data"]
-    dm = TranslationData(
-        ParallelText(str(args.data), "de", "en", test="test_2016_flickr"), vocab_size=cfg["vocab_size"], max_tokens=cfg["max_tokens"],
-        max_source_len=cfg["max_source_len"], max_target_len=cfg["max_target_len"], cache_dir=str(ROOT / cfg["cache_dir"]),
-    )  # fmt: skip
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = data_module(args.data, summary)
     torch.manual_seed(0)
     loads_LNE, two_NL, tokens_NL = routed_loads(module, dm)
     sides = module.net.moe_layer_sides

@@ -65,6 +65,7 @@ QUICK_RUNS = ("top2", "adaptive", "top1")
 # validated less often, and reported apart from the tables (`--only adaptive-long`).
 LONG = {"adaptive-long": (ADAPTIVE, [*PAPER, "--trainer.val_check_interval", "200"], 1)}
 LONG_MINUTES = 90
+PLANS = RUNS | LONG
 
 # The paper's translation row (WMT19 De->En) and its ablations, for comparison.
 HEAD = (
@@ -84,14 +85,14 @@ def cpu_model() -> str:
 def jobs(args) -> list[tuple[str, int]]:
     """Seed by seed over the schemes with several seeds, then the single-seed sweep: an
     interrupted plan has its main table, with intervals, soonest."""
-    names, plans = args.only or (QUICK_RUNS if args.quick else list(RUNS)), RUNS | LONG
-    seeds = args.seeds if args.seeds is not None else range(max(plans[n][2] for n in names))
-    todo = [(n, s) for s in seeds for n in names if args.seeds is not None or s < plans[n][2]]
-    return sorted(todo, key=lambda job: (plans[job[0]][2] == 1, job[1]))
+    names = args.only or (QUICK_RUNS if args.quick else list(RUNS))
+    seeds = args.seeds if args.seeds is not None else range(max(PLANS[n][2] for n in names))
+    todo = [(n, s) for s in seeds for n in names if args.seeds is not None or s < PLANS[n][2]]
+    return sorted(todo, key=lambda job: (PLANS[job[0]][2] == 1, job[1]))
 
 
 def run(name: str, seed: int, args) -> dict:
-    gate_configs, extra, _ = (RUNS | LONG)[name]
+    gate_configs, extra, _ = PLANS[name]
     tag = f"{name}-s{seed}"
     run_dir = args.logs / args.mode / tag
     common = [*sum((["--config", c] for c in BASE + gate_configs), []), "--data.source.init_args.root", str(args.data), *extra]
@@ -295,7 +296,7 @@ def load_runs(store: Path) -> dict[str, list[dict]]:
     for path in sorted(store.glob("*.json")):
         r = json.loads(path.read_text())
         runs.setdefault(r["name"], []).append(r)
-    return {n: runs[n] for n in RUNS | LONG if n in runs}
+    return {n: runs[n] for n in PLANS if n in runs}
 
 
 def main():
@@ -306,7 +307,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="top-2, adaptive and top-1, one seed, a few steps")
     p.add_argument("--steps", type=int, help="training steps of every run (default 900, quick 100)")
     p.add_argument("--budget", type=int, help="the step at which top-2's mean val/loss sets the target (default 650, quick 100)")
-    p.add_argument("--only", nargs="+", choices=list(RUNS | LONG), help="a subset of the schemes")
+    p.add_argument("--only", nargs="+", choices=list(PLANS), help="a subset of the schemes")
     p.add_argument("--seeds", nargs="+", type=int, help="these seeds for every scheme (default: each scheme's own count)")
     p.add_argument("--logs", type=Path, default=ROOT / "logs" / "replicate", help="logs and checkpoints; resumes from here")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "replication")

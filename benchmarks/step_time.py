@@ -33,8 +33,9 @@ from adamoe.transformer import TransformerConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def recorded_batches(data: Path, summary: dict, n: int) -> list[dict]:
-    """The first `n` training batches in length-bucketed order, as every run batches them."""
+def data_module(data: Path, summary: dict) -> TranslationData:
+    """Multi30k as the run read it (its vocabulary, batch budget, length limits and cache),
+    set up for fitting; without the curriculum, so its batches are length-bucketed."""
     cfg = summary["data"]
     dm = TranslationData(
         ParallelText(str(data), "de", "en", test="test_2016_flickr"), vocab_size=cfg["vocab_size"], max_tokens=cfg["max_tokens"],
@@ -42,8 +43,12 @@ def recorded_batches(data: Path, summary: dict, n: int) -> list[dict]:
     )  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
-    loader = dm.train_dataloader()
-    return [batch for batch, _ in zip(loader, range(n))]
+    return dm
+
+
+def recorded_batches(data: Path, summary: dict, n: int) -> list[dict]:
+    """The first `n` training batches in length-bucketed order, as every run batches them."""
+    return [batch for batch, _ in zip(data_module(data, summary).train_dataloader(), range(n))]
 
 
 def load(checkpoint: str):
