@@ -7,7 +7,7 @@ alone (the limit). Rows run interleaved; each ratio is the median over repeats o
 row's time over top-2's time in the same repeat, so that drift of the machine's speed
 during the run cancels.
 
-    python benchmarks/moe_layer.py [--repeats 15] [--tokens 4096] [--device cuda]
+    python benchmarks/moe_layer.py [--repeats 15] [--tokens 4096] [--keep-freed-memory] [--device cuda]
 """
 
 import argparse
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from throughput import timed
 
+from adamoe.callbacks import keep_freed_memory
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
 from adamoe.moe import MoELayer
 
@@ -42,7 +43,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--keep-freed-memory", action="store_true", help="as the KeepFreedMemory callback does")
     args = ap.parse_args()
+    kept = args.keep_freed_memory and keep_freed_memory()
     device = torch.device(args.device)
     torch.set_default_device(device)
     torch.manual_seed(0)
@@ -116,7 +119,8 @@ def main():
     ratio = {name: statistics.median([a / b for a, b in zip(ts, times["top-2"])]) for name, ts in times.items()}
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"MoE layer fwd+bwd, {T} tokens, d_model {D}, d_ff {Fd}, {E} experts, fp32, {where}, {args.repeats} repeats")
+    memory = "kept" if kept else "returned"
+    print(f"MoE layer fwd+bwd, {T} tokens, d_model {D}, d_ff {Fd}, {E} experts, fp32, {where}, {args.repeats} repeats, memory {memory}")
     print(f"{'gate':<22}{'computation':>12}{'time':>8}{'median ms':>11}")
     gap = 0.0
     for name in rows:

@@ -15,9 +15,11 @@ matmul of the same precision, measured in the same run.
 training step at the Multi30k size (`configs/multi30k.yaml` with adaptive gating, batches
 of 4,096 tokens, dropout 0.2) in fp32 and in bf16-mixed, interleaved, on the recorded
 batches of `--data` (Multi30k's folder) or on batches of Multi30k's shapes without it.
-`--profile` prints where our top-2 step spends its time. `--device cuda` runs it all on a GPU.
+`--profile` prints where our top-2 step spends its time. `--keep-freed-memory` runs every
+model with freed memory kept in the process (the default of `train.py`, see
+`adamoe.callbacks.KeepFreedMemory`); without it the allocator keeps glibc's defaults. `--device cuda` runs it all on a GPU.
 
-    pip install -e ".[bench]"; python benchmarks/throughput.py [--precision bf16-mixed] [--profile] [--device cuda]
+    pip install -e ".[bench]"; python benchmarks/throughput.py [--precision bf16-mixed] [--profile] [--keep-freed-memory] [--device cuda]
 """
 
 import argparse
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from adamoe.callbacks import keep_freed_memory
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
 from adamoe.ops import linear_cross_entropy
 from adamoe.transformer import Transformer, TransformerConfig
@@ -255,15 +258,18 @@ def main():
     ap.add_argument("--data", help="Multi30k's folder, for the bf16-mixed Multi30k step")
     ap.add_argument("--batches", type=int, default=8, help="Multi30k batches per pass")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--keep-freed-memory", action="store_true", help="as the KeepFreedMemory callback does, for every model")
     args = ap.parse_args()
     torch.set_default_device(args.device)
+    kept = args.keep_freed_memory and keep_freed_memory()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     flags = open("/proc/cpuinfo").read()
     # AMX, or AVX-512 BF16's dot products (2.4x the fp32 matmul rate on an AMD EPYC).
     fast_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags or args.device.startswith("cuda")
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
     bf16 = ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
-    print(f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}, bf16 instructions: {bf16}")
+    memory = "kept" if kept else "returned (glibc default)"
+    print(f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}, bf16 instructions: {bf16}, freed memory {memory}")
     dtype = DTYPES[args.precision]
     summary = compare_with_hf(args, dtype)
     if dtype == torch.bfloat16:

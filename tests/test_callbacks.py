@@ -1,4 +1,7 @@
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,3 +119,32 @@ def test_timer_stops_fit_at_the_target_and_keeps_the_curve(tmp_path):
     [point] = metrics["curve"]
     assert point["step"] == 3 and 0 < point["train_s"] < point["wall_s"]
     assert metrics["time_to_target"]["train_s"] == point["train_s"]
+
+
+# Run in a fresh process: the allocator's settings are the process's, and the test needs glibc's defaults first.
+KEEP_FREED = """
+import ctypes, torch
+from adamoe.callbacks import keep_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+def mapped_and_kept():
+    before = libc.mallinfo2().hblkhd
+    x = torch.empty(2**24)  # 64 MB
+    mapped = libc.mallinfo2().hblkhd - before
+    del x
+    return mapped >> 20, libc.mallinfo2().fordblks >> 20
+print(*mapped_and_kept(), keep_freed_memory(), *mapped_and_kept())
+"""
+
+
+def test_keep_freed_memory_keeps_a_freed_buffer_for_reuse():
+    libc, version = platform.libc_ver()
+    if platform.system() != "Linux" or libc != "glibc" or tuple(map(int, version.split("."))) < (2, 33):
+        pytest.skip("needs glibc's mallinfo2")
+    out = subprocess.run([sys.executable, "-c", KEEP_FREED], capture_output=True, text=True, check=True).stdout.split()
+    mapped_before, kept_before, applied, mapped_after, kept_after = out
+    # glibc's default maps a 64 MB buffer and unmaps it when freed; after the call it comes from the heap and stays there.
+    assert (int(mapped_before), int(kept_before) < 64) == (64, True)
+    assert (applied, int(mapped_after), int(kept_after) >= 64) == ("True", 0, True)

@@ -1,11 +1,12 @@
 from adamoe.callbacks.analysis import RoutingAnalysis
 from adamoe.callbacks.curriculum import Curriculum
 from adamoe.callbacks.faults import NonFiniteGuard, RandomState
+from adamoe.callbacks.memory import KeepFreedMemory, keep_freed_memory
 from adamoe.callbacks.run import AtomicCheckpointIO, Checkpoint, MetricsSummary
 from adamoe.callbacks.stats import ExpertStats
 from adamoe.callbacks.timing import EpochTimer
 
 __all__ = [
-    "AtomicCheckpointIO", "Checkpoint", "Curriculum", "EpochTimer", "ExpertStats", "MetricsSummary", "NonFiniteGuard", "RandomState",
-    "RoutingAnalysis",
+    "AtomicCheckpointIO", "Checkpoint", "Curriculum", "EpochTimer", "ExpertStats", "KeepFreedMemory", "MetricsSummary",
+    "NonFiniteGuard", "RandomState", "RoutingAnalysis", "keep_freed_memory",
 ]  # fmt: skip
