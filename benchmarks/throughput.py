@@ -111,6 +111,10 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t
 
 
+def cpu_name() -> str:
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+
+
 def matmul_rate(dtype, n=2048, repeats=5) -> float:
     a, b, c = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype), torch.empty(n, n, dtype=dtype)
     timed(torch.mm, a, b)
@@ -214,11 +218,11 @@ def multi30k_batches(data: str | None, n: int) -> list[dict]:
     return out
 
 
-def multi30k_step(args) -> float:
-    """Median per-batch time ratio fp32 / bf16-mixed of our Multi30k training step."""
+def multi30k_times(data: str | None, n_batches: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of our Multi30k training steps, per batch and pass, fp32 and bf16-mixed interleaved."""
     from adamoe.tasks import TranslationModule
 
-    batches = multi30k_batches(args.data, args.batches)
+    batches = multi30k_batches(data, n_batches)
     runs = {}
     for name, dtype in DTYPES.items():
         torch.manual_seed(0)
@@ -232,18 +236,23 @@ def multi30k_step(args) -> float:
 
         runs[name] = training_step(loss_with_aux, optimizer, dtype)
     times = {name: [] for name in runs}
-    for rep in range(2 + args.repeats):
+    for rep in range(2 + repeats):
         for batch in batches:
             for name, run in runs.items():
                 t = timed(run, batch)
                 if rep >= 2:  # the first passes meet each batch shape for the first time
                     times[name].append(t)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def multi30k_step(args) -> float:
+    """Median per-batch time ratio fp32 / bf16-mixed of our Multi30k training step."""
+    times = multi30k_times(args.data, args.batches, args.repeats)
     ratio = statistics.median([a / b for a, b in zip(times["32-true"], times["bf16-mixed"])])
     source = args.data or "batches of Multi30k's shapes"
-    print(f"\nMulti30k training step ({len(batches)} batches from {source}, {args.repeats} passes after 2 warm-up passes)")
-    for name in runs:
-        print(f"{name:<12} median {med[name]:.3f} s")
+    print(f"\nMulti30k training step ({args.batches} batches from {source}, {args.repeats} passes after 2 warm-up passes)")
+    for name, ts in times.items():
+        print(f"{name:<12} median {statistics.median(ts):.3f} s")
     return ratio
 
 
@@ -262,7 +271,7 @@ def main():
     args = ap.parse_args()
     torch.set_default_device(args.device)
     kept = args.keep_freed_memory and keep_freed_memory()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     flags = open("/proc/cpuinfo").read()
     # AMX, or AVX-512 BF16's dot products (2.4x the fp32 matmul rate on an AMD EPYC).
     fast_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags or args.device.startswith("cuda")
