@@ -284,9 +284,11 @@ def report(runs: dict[str, list[dict]], args) -> str:
     out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU | fit wall (noisy) |", "|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         for r in rs:
+            # A resumed fit's summary knows only the time since its resume.
+            resumed = any(c["command"].startswith("python train.py fit") and "--ckpt_path" in c["command"] for c in r["commands"])
             out.append(
                 f"| {name} s{r['seed']} | {r['machine']['cpu']} | {r['date'][:10]} | {r['steps']} | {r['test_bleu']:.2f} "
-                f"| {r['fit_wall_s'] / 60:.1f} min |"
+                f"| {r['fit_wall_s'] / 60:.1f} min{' since its last resume' if resumed else ''} |"
             )
     return "\n".join(out) + "\n"
 
