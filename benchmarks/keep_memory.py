@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import torch
-from throughput import cpu_name, multi30k_times
+from throughput import cpu_model, multi30k_times
 
 from adamoe.callbacks import keep_freed_memory
 
@@ -33,7 +33,7 @@ def main():
         times = multi30k_times(args.data, args.batches, args.repeats)
         print(json.dumps({name: statistics.median(ts) for name, ts in times.items()}))
         return
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Multi30k step from {args.data or 'its shapes'}")
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Multi30k step from {args.data or 'its shapes'}")
     pairs = []
     for _ in range(args.pairs):
         medians = {}

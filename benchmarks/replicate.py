@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 from curriculum import series
+from throughput import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["configs/multi30k.yaml", "configs/preset/replicate.yaml", "configs/preset/paper_shape.yaml"]
@@ -73,13 +74,6 @@ HEAD = (
     "| test BLEU | paper time | paper BLEU |\n" + "|---" * 10 + "|"
 )
 PAPER_TABLE3 = {"dense": ("0.87x", "40.9"), "top2": ("1x", "41.1"), "top1": ("1.04x", "39.5"), "adaptive": ("0.79x", "41.1")}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def jobs(args) -> list[tuple[str, int]]:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from replicate import RUNS, cpu_model
+from replicate import RUNS
+from throughput import cpu_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from adamoe.data import ParallelText, TranslationData

@@ -17,7 +17,8 @@ of 4,096 tokens, dropout 0.2) in fp32 and in bf16-mixed, interleaved, on the rec
 batches of `--data` (Multi30k's folder) or on batches of Multi30k's shapes without it.
 `--profile` prints where our top-2 step spends its time. `--keep-freed-memory` runs every
 model with freed memory kept in the process (the default of `train.py`, see
-`adamoe.callbacks.KeepFreedMemory`); without it the allocator keeps glibc's defaults. `--device cuda` runs it all on a GPU.
+`adamoe.callbacks.KeepFreedMemory`); without it the allocator keeps glibc's defaults.
+`--device cuda` runs it all on a GPU.
 
     pip install -e ".[bench]"; python benchmarks/throughput.py [--precision bf16-mixed] [--profile] [--keep-freed-memory] [--device cuda]
 """
@@ -27,6 +28,7 @@ import functools
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -111,8 +113,11 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t
 
 
-def cpu_name() -> str:
-    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def matmul_rate(dtype, n=2048, repeats=5) -> float:
@@ -271,7 +276,7 @@ def main():
     args = ap.parse_args()
     torch.set_default_device(args.device)
     kept = args.keep_freed_memory and keep_freed_memory()
-    cpu = cpu_name()
+    cpu = cpu_model()
     flags = open("/proc/cpuinfo").read()
     # AMX, or AVX-512 BF16's dot products (2.4x the fp32 matmul rate on an AMD EPYC).
     fast_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags or args.device.startswith("cuda")

@@ -4,8 +4,8 @@ A training step on CPU allocates and frees the same large buffers step after ste
 glibc's defaults a buffer over the mmap threshold is unmapped when freed, and the heap's
 free top is trimmed: each step then maps the memory again and pays a page fault and the
 kernel's zeroing of every 4 KB page. Turning both off keeps the process at its peak
-footprint, as GPU caching allocators do, and took 7-11% off a Multi30k training step in
-fp32 and bf16 (AMD EPYC, 2 cores; `benchmarks/throughput.py --keep-freed-memory`).
+footprint, as GPU caching allocators do, and took 5-11% off a Multi30k training step in
+fp32 and bf16 (AMD EPYC, 2 cores; `benchmarks/keep_memory.py`).
 """
 
 import ctypes
