@@ -15,7 +15,8 @@ matmul of the same precision, measured in the same run.
 training step at the Multi30k size (`configs/multi30k.yaml` with adaptive gating, batches
 of 4,096 tokens, dropout 0.2) in fp32 and in bf16-mixed, interleaved, on the recorded
 batches of `--data` (Multi30k's folder) or on batches of Multi30k's shapes without it.
-`--profile` prints where our top-2 step spends its time. `--keep-freed-memory` runs every
+`--profile` prints where our top-2 step spends its time, and the ceiling on vs Switch: its
+step over our top-1 step's matmul and attention kernels alone. `--keep-freed-memory` runs every
 model with freed memory kept in the process (the default of `train.py`, see
 `adamoe.callbacks.KeepFreedMemory`); without it the allocator keeps glibc's defaults.
 `--device cuda` runs it all on a GPU.
@@ -139,23 +140,31 @@ def training_step(step, optimizer, dtype):
     return run
 
 
-def print_profile(run, batch, steps=3):
+def self_times(run, batch, steps=3) -> dict[str, tuple[float, int]]:
+    """Per step, the self CPU seconds and the calls of each ATen op (and of our autograd Functions) in `run`."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.get_default_device().type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             run(*batch)
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
+    return {e.key: (e.self_cpu_time_total / 1e6 / steps, e.count // steps) for e in prof.key_averages() if e.self_cpu_time_total > 0}
+
+
+def group_of(op: str) -> str:
+    return next((g for g, keys in GROUPS.items() if any(k in op for k in keys)), "the rest")
+
+
+def print_profile(run, batch, steps=3):
+    times = self_times(run, batch, steps)
+    total = sum(t for t, _ in times.values())
     shares = dict.fromkeys([*GROUPS, "the rest"], 0.0)
-    for e in events:
-        group = next((g for g, keys in GROUPS.items() if any(k in e.key for k in keys)), "the rest")
-        shares[group] += e.self_cpu_time_total / total
-    print(f"\nwhere ours top-2 spends a training step ({steps} steps, self CPU time {total / 1e6 / steps:.3f} s per step)")
+    for op, (t, _) in times.items():
+        shares[group_of(op)] += t / total
+    print(f"\nwhere ours top-2 spends a training step ({steps} steps, self CPU time {total:.3f} s per step)")
     for group, share in sorted(shares.items(), key=lambda kv: -kv[1]):
         print(f"{share:>6.1%}  {group}")
     print("top ops:")
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
-        print(f"{e.self_cpu_time_total / total:>6.1%}  {e.key[:60]:<60} {e.count // steps:>5} calls/step")
+    for op, (t, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])[:12]:
+        print(f"{t / total:>6.1%}  {op[:60]:<60} {calls:>5} calls/step")
 
 
 def compare_with_hf(args, dtype):
@@ -194,6 +203,12 @@ def compare_with_hf(args, dtype):
     print(f"dense matmul rate ({dtype}) {peak / 1e9:.1f} GFLOP/s")
     if args.profile:
         print_profile(runs["ours top-2"], (src, tgt))
+        # How far removing all of our non-matmul work could go: Switch's step is mostly the same matmuls.
+        top1_ops = self_times(runs["ours top-1"], (src, tgt))
+        kernels = sum(t for op, (t, _) in top1_ops.items() if group_of(op) in ("matrix multiplies", "attention kernels"))
+        step = sum(t for t, _ in top1_ops.values())
+        print(f"ours top-1 spends {kernels:.3f} s of its {step:.3f} s step in matmul and attention kernels;")
+        print(f"with all the rest free, vs_switch_top1 would be {med['switch top-1'] / kernels:.2f}")
     mfu = flops["ours top-2"] / med["ours top-2"] / peak
     # Each round runs every model once, so a ratio within a round cancels the machine's drift.
     vs_nllb, vs_switch = (
