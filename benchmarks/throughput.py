@@ -41,6 +41,7 @@ from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
 from adamoe.ops import linear_cross_entropy
 from adamoe.transformer import Transformer, TransformerConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 V, D, FF, E, LAYERS = 8000, 256, 1024, 8, 4
 DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
 # Where a step's self time goes, by the name of the ATen op.
@@ -222,7 +223,8 @@ def multi30k_batches(data: str | None, n: int) -> list[dict]:
     if data:
         from adamoe.data import ParallelText, TranslationData
 
-        dm = TranslationData(ParallelText(data, "de", "en", test="test_2016_flickr"), vocab_size=V, max_tokens=4096, cache_dir="data")
+        source = ParallelText(data, "de", "en", test="test_2016_flickr")
+        dm = TranslationData(source, vocab_size=V, max_tokens=4096, cache_dir=str(ROOT / "data"))
         dm.prepare_data()
         dm.setup("fit")
         device = torch.get_default_device()
