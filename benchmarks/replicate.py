@@ -22,12 +22,13 @@ seconds, so runs may share a busy machine:
 Each finished run writes `<out>/runs/<name>-s<seed>.json`: the resolved model config, seed,
 curve, routing shares, expert-parallel load model, test BLEU, commands, machine and date.
 A run with a summary is skipped; one with a `last.ckpt` resumes from it (saved at every
-validation). The report is built from the summaries alone.
+validation). The report and its figures are built from the summaries alone.
 """
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -275,6 +276,7 @@ def report(runs: dict[str, list[dict]], args) -> str:
             f"{r['steps']} steps ({len(r['epochs'])} epochs) on {r['machine']['cpu']}: **test BLEU {r['test_bleu']:.2f}** "
             f"(`test_2016_flickr`, beam 4), test loss {r['test_loss']:.3f}. Validation loss by step: {points}.",
         ]
+    out += figures(runs, args, target)
     out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU | fit wall (noisy) |", "|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         for r in rs:
@@ -285,6 +287,59 @@ def report(runs: dict[str, list[dict]], args) -> str:
                 f"| {r['fit_wall_s'] / 60:.1f} min{' since its last resume' if resumed else ''} |"
             )
     return "\n".join(out) + "\n"
+
+
+def figures(runs: dict[str, list[dict]], args, target: float | None) -> list[str]:
+    """Writes the report's figures next to the summaries; returns their Markdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training machine
+    import matplotlib.pyplot as plt
+
+    out = []
+
+    def save(fig, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(args.out / name, dpi=100)
+        plt.close(fig)
+        return os.path.relpath(args.out / name, args.report.parent)
+
+    curves = {n: runs[n] for n in ("dense", "top2", "top1", "adaptive", "adaptive-no-curriculum") if n in runs}
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, zoom in zip(axes, (False, True)):
+            for name, rs in curves.items():
+                steps = [p["step"] for p in rs[0]["curve"]]
+                at = [[value_at(r["curve"], s) for r in rs] for s in steps]
+                ax.plot(steps, [statistics.mean(v) for v in at], label=f"{name} ({len(rs)} seeds)")
+                ax.fill_between(steps, [min(v) for v in at], [max(v) for v in at], alpha=0.2)
+            if target is not None:
+                ax.axhline(target, color="k", lw=0.8, ls="--", label=f"target {target:.3f}")
+                if zoom:
+                    ax.set_ylim(target - 0.25, target + 0.6)
+                    ax.set_xlim(args.budget - 200, args.steps)
+            ax.set_xlabel("step")
+            ax.set_ylabel("val/loss")
+        axes[0].legend(fontsize=8)
+        axes[0].set_title("validation loss, mean and min-max over seeds")
+        axes[1].set_title("around the target")
+        out += ["", "## Figure: validation loss", "", f"![validation loss]({save(fig, f'{args.mode}-curves.png')})"]
+    adaptive = [n for n in PLANS if n.startswith("adaptive") and n in runs and runs[n][0]["layer_share"]]
+    if adaptive:
+        layers = list(runs[adaptive[0]][0]["layer_share"])
+        share = {n: [100 * statistics.mean(r["layer_share"][layer] for r in runs[n]) for layer in layers] for n in adaptive}
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        width = 0.8 / len(adaptive)
+        for i, (name, values) in enumerate(share.items()):
+            ax.bar([j + i * width for j in range(len(layers))], values, width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
+        ax.set_ylabel("tokens on two experts (%)")
+        ax.legend(fontsize=8)
+        out += ["", "## Figure 2: two-expert share per layer (last epoch, mean over seeds)", ""]
+        out += [f"![two-expert share per layer]({save(fig, f'{args.mode}-two-expert-share.png')})", ""]
+        out += [f"| run | {' | '.join(layers)} |", "|---" * (len(layers) + 1) + "|"]
+        out += [f"| {name} | {' | '.join(f'{v:.1f}%' for v in values)} |" for name, values in share.items()]
+    return out
 
 
 def load_runs(store: Path) -> dict[str, list[dict]]:
