@@ -81,8 +81,9 @@ def jobs(args) -> list[tuple[str, int]]:
     """Seed by seed over the schemes with several seeds, then the single-seed sweep: an
     interrupted plan has its main table, with intervals, soonest."""
     names = args.only or (QUICK_RUNS if args.quick else list(RUNS))
-    seeds = args.seeds if args.seeds is not None else range(max(PLANS[n][2] for n in names))
-    todo = [(n, s) for s in seeds for n in names if args.seeds is not None or s < PLANS[n][2]]
+    chosen = args.seeds if args.seeds is not None else [0] if args.quick else None
+    seeds = chosen if chosen is not None else range(max(PLANS[n][2] for n in names))
+    todo = [(n, s) for s in seeds for n in names if chosen is not None or s < PLANS[n][2]]
     return sorted(todo, key=lambda job: (PLANS[job[0]][2] == 1, job[1]))
 
 
