@@ -22,7 +22,9 @@ seconds, so runs may share a busy machine:
 Each finished run writes `<out>/runs/<name>-s<seed>.json`: the resolved model config, seed,
 curve, routing shares, expert-parallel load model, test BLEU, commands, machine and date.
 A run with a summary is skipped; one with a `last.ckpt` resumes from it (saved at every
-validation). The report and its figures are built from the summaries alone.
+validation). After training, `benchmarks/step_time.py` times every scheme with a
+checkpoint again, side by side. The report and its figures are built from the summaries
+and those step times alone.
 """
 
 import argparse
@@ -174,7 +176,7 @@ def report(runs: dict[str, list[dict]], args) -> str:
     top2 = [v for v in top2 if v is not None]
     target = statistics.mean(top2) if top2 else None
     base = statistics.mean(steps_to(r["curve"], target) for r in runs["top2"]) if target is not None else None
-    step_file = args.out / "step_time.json"
+    step_file = args.out / f"step_time{'-quick' if args.quick else ''}.json"
     step_record = json.loads(step_file.read_text()) if step_file.exists() else {}
     step_time = step_record.get("schemes", {})
     # The runs trained with their own commit; the step times are those of the code that measured them.
@@ -251,7 +253,7 @@ def report(runs: dict[str, list[dict]], args) -> str:
             f"summed; full epochs after the first): paper order {costs['adaptive']}, no curriculum {costs['adaptive-no-curriculum']}."
         )
     orders_file = args.out / "ep_orders.json"
-    if orders_file.exists():
+    if orders_file.exists() and not args.quick:  # made from a full run's routing
         eo = json.loads(orders_file.read_text())
         none = eo["orders"]["none"]["max_load_per_token"]
         out += [
@@ -357,7 +359,7 @@ def main():
         "--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k", help="folder of {train,val,test_2016_flickr}.{de,en}.gz"
     )
     p.add_argument("--quick", action="store_true", help="top-2, adaptive and top-1, one seed, a few steps")
-    p.add_argument("--steps", type=int, help="training steps of every run (default 900, quick 100)")
+    p.add_argument("--steps", type=int, help="training steps of every run (default 900, quick 150)")
     p.add_argument("--budget", type=int, help="the step at which top-2's mean val/loss sets the target (default 650, quick 100)")
     p.add_argument("--only", nargs="+", choices=list(PLANS), help="a subset of the schemes")
     p.add_argument("--seeds", nargs="+", type=int, help="these seeds for every scheme (default: each scheme's own count)")
@@ -370,7 +372,7 @@ def main():
     args = p.parse_args(argv[:split])
     args.train_args = argv[split + 1 :]
     args.mode = "quick" if args.quick else "full"
-    args.steps = args.steps or (100 if args.quick else 900)
+    args.steps = args.steps or (150 if args.quick else 900)
     args.budget = args.budget or (100 if args.quick else 650)
     args.store = args.out / ("runs-quick" if args.quick else "runs")
     args.report = args.report or ROOT / "benchmarks" / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
@@ -378,6 +380,7 @@ def main():
         if not (args.data / "train.de.gz").exists() and not (args.data / "train.de").exists():
             p.error(f"{args.data}: no train.de[.gz]; pass --data with the Multi30k folder")
         args.data, args.logs = args.data.resolve(), args.logs.resolve()
+        trained = False
         for name, seed in jobs(args):
             summary = args.store / f"{name}-s{seed}.json"
             if summary.exists():
@@ -391,6 +394,11 @@ def main():
                 f"{summary.name}: {r['steps']} steps, test BLEU {r['test_bleu']:.2f}, {(time.perf_counter() - started) / 60:.1f} min",
                 flush=True,
             )
+            trained = True
+        if trained and any(args.store.glob("top2-s*.json")):
+            # Step times are compared within one process, so every scheme is timed again beside the new runs.
+            measure = [sys.executable, "benchmarks/step_time.py", "--data", str(args.data), "--runs", str(args.store)]
+            subprocess.run(measure + (["--batches", "4", "--repeats", "3"] if args.quick else []), cwd=ROOT, check=True)
     runs = load_runs(args.store)
     if runs:
         kept = args.report.read_text().partition("\n## Discussion")[2] if args.report.exists() else ""

@@ -7,9 +7,10 @@ as it really did at the end of its run. Every scheme then takes full training st
 (forward, backward, AdamW) on the same recorded Multi30k batches, the schemes interleaved
 batch by batch, so that the machine's drift hits them all alike. Steps change the weights,
 so each scheme restarts from its checkpoint before every repeat. Writes
-`<runs>/../step_time.json`: per scheme, the median over repeats of the summed step time,
-the ratio to top-2, and the share of a step's FLOPs spent in the experts (counted by torch's
-FlopCounterMode), which `replicate.py --report-only` reads.
+`<runs>/../step_time.json` (`step_time-quick.json` for `runs-quick`): per scheme, the
+median over repeats of the summed step time, the ratio to top-2, and the share of a step's
+FLOPs spent in the experts (counted by torch's FlopCounterMode), which
+`replicate.py --report-only` reads.
 """
 
 import argparse
@@ -139,7 +140,7 @@ def main():
             for name in summaries
         },
     }
-    out = args.runs.parent / "step_time.json"
+    out = args.runs.parent / f"step_time{args.runs.name.removeprefix('runs')}.json"  # runs-quick: step_time-quick.json
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'scheme':<26}{'median s/step':>14}{'vs top-2':>10}{'FLOPs vs top-2':>16}{'expert FLOP share':>19}")
     for name, r in result["schemes"].items():
