@@ -227,7 +227,7 @@ def report(runs: dict[str, list[dict]], args) -> str:
         if name in runs:
             out.append(row(name, label, PAPER_TABLE3[name]))
     if step_time:
-        shares = ", ".join(f"{n} {v['expert_flop_share']:.1%}" for n, v in step_time.items())
+        shares = ", ".join(f"{n} {step_time[n]['expert_flop_share']:.1%}" for n in PLANS if n in step_time)
         out.append(f"\nShare of a training step's FLOPs (forward, backward, optimizer) spent in the experts: {shares}.")
     sweep = [
         (n, t)
