@@ -1,8 +1,11 @@
 """The replication's plan: which runs a full, a quick and a partial call trains, in which order."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import replicate  # noqa: E402
@@ -27,3 +30,41 @@ def test_full_plan_runs_seed_by_seed_then_the_sweep():
 def test_only_and_seeds_pick_exactly_those_runs():
     assert plan(only=["adaptive-T0.4"], seeds=[0]) == [("adaptive-T0.4", 0)]
     assert plan(only=["dense", "top1"]) == [("dense", 0), ("top1", 0), ("dense", 1), ("top1", 1), ("dense", 2), ("top1", 2)]
+
+
+def test_steps_to_interpolates_between_validations():
+    curve = [{"step": 50, "value": 4.0}, {"step": 100, "value": 3.0}, {"step": 150, "value": 2.0}]
+    assert replicate.steps_to(curve, 3.5) == 75.0
+    assert replicate.steps_to(curve, 4.5) == 50  # reached at the first validation
+    assert replicate.steps_to(curve, 1.0) is None
+
+
+def summary(name, seed, values, share):
+    return {
+        "name": name, "seed": seed, "date": "2026-01-01T00:00:00+00:00", "machine": {"cpu": "test CPU"}, "steps": 150,
+        "fit_wall_s": 60.0, "commands": [{"command": "python train.py fit", "wall_s": 60.0}],
+        "curve": [{"step": 50 * (i + 1), "value": v} for i, v in enumerate(values)], "epochs": [], "ep_cost": [],
+        "flops_per_token": 6e6, "two_expert_share": share, "layer_share": {"enc.0": share}, "test_bleu": 30.0 + seed,
+    }  # fmt: skip
+
+
+def test_report_normalizes_steps_by_step_time(tmp_path):
+    pytest.importorskip("matplotlib")
+    # Target: top-2's mean loss at step 100, (3.0 + 3.2) / 2 = 3.1. Top-2 reaches it at steps
+    # 95 and 105 (mean 100), adaptive at 120: 1.20x the steps, at 0.9x the step time.
+    runs = {
+        "top2": [summary("top2", 0, [4.0, 3.0, 2.0], 1.0), summary("top2", 1, [4.2, 3.2, 2.2], 1.0)],
+        "adaptive": [summary("adaptive", 0, [4.5, 3.5, 2.5], 0.25)],
+    }
+    step_time = {"top2": (1.0, 1.0), "adaptive": (0.9, 0.85)}
+    schemes = {n: {"vs_top2": v, "flops_vs_top2": f, "expert_flop_share": 0.3} for n, (v, f) in step_time.items()}
+    (tmp_path / "step_time.json").write_text(json.dumps({"commit": "abc1234", "schemes": schemes}))
+    args = argparse.Namespace(
+        budget=100, steps=150, out=tmp_path, store=tmp_path / "runs", report=tmp_path / "RESULTS.md", mode="full", quick=False
+    )
+    text = replicate.report(runs, args)
+    assert "**3.100**" in text
+    assert "| adaptive T=0.1 | 120 (1 seed) | 1.20 (1 seed) | 0.900 (FLOPs 0.850) | 1.08 (1 seed) |" in text
+    assert "| top-2 | 100 [95-105] (2 seeds) | 1.00 [0.95-1.05] (2 seeds) | 1.000 (FLOPs 1.000) | 1.00 [0.95-1.05] (2 seeds) |" in text
+    assert (tmp_path / "full-curves.png").stat().st_size > 0
+    assert "| adaptive | 25.0% |" in text
