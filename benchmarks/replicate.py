@@ -79,6 +79,12 @@ HEAD = (
 PAPER_TABLE3 = {"dense": ("0.87x", "40.9"), "top2": ("1x", "41.1"), "top1": ("1.04x", "39.5"), "adaptive": ("0.79x", "41.1")}
 
 
+def step_time_file(store: Path) -> Path:
+    """Where `step_time.py` keeps the step times of a store's runs: `runs` -> `step_time.json`,
+    `runs-quick` -> `step_time-quick.json`."""
+    return store.parent / f"step_time{store.name.removeprefix('runs')}.json"
+
+
 def jobs(args) -> list[tuple[str, int]]:
     """Seed by seed over the schemes with several seeds, then the single-seed sweep: an
     interrupted plan has its main table, with intervals, soonest."""
@@ -176,7 +182,7 @@ def report(runs: dict[str, list[dict]], args) -> str:
     top2 = [v for v in top2 if v is not None]
     target = statistics.mean(top2) if top2 else None
     base = statistics.mean(steps_to(r["curve"], target) for r in runs["top2"]) if target is not None else None
-    step_file = args.out / f"step_time{'-quick' if args.quick else ''}.json"
+    step_file = step_time_file(args.store)
     step_record = json.loads(step_file.read_text()) if step_file.exists() else {}
     step_time = step_record.get("schemes", {})
     # The runs trained with their own commit; the step times are those of the code that measured them.

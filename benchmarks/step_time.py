@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from replicate import RUNS
+from replicate import RUNS, step_time_file
 from throughput import cpu_model
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -140,7 +140,7 @@ def main():
             for name in summaries
         },
     }
-    out = args.runs.parent / f"step_time{args.runs.name.removeprefix('runs')}.json"  # runs-quick: step_time-quick.json
+    out = step_time_file(args.runs)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'scheme':<26}{'median s/step':>14}{'vs top-2':>10}{'FLOPs vs top-2':>16}{'expert FLOP share':>19}")
     for name, r in result["schemes"].items():
