@@ -50,14 +50,13 @@ class Routing:
         if dropped == 0:
             return self
         token_N, expert_N = self.token_index_N[keep_N], self.expert_index_N[keep_N]
-        per_token_T = torch.zeros_like(self.experts_per_token_T).index_add_(0, token_N, torch.ones_like(token_N))
         return replace(
             self,
             token_index_N=token_N,
             expert_index_N=expert_N,
             weight_N=self.weight_N[keep_N],
-            experts_per_token_T=per_token_T,
-            expert_load_E=torch.bincount(expert_N, minlength=E),
+            experts_per_token_T=counts(token_N, self.experts_per_token_T.numel()),
+            expert_load_E=counts(expert_N, E),
             dropped=self.dropped + dropped,
         )
 
@@ -111,8 +110,8 @@ class Gate(nn.Module):
             token_index_N=token_N,
             expert_index_N=expert_N,
             weight_N=weight_N,
-            experts_per_token_T=torch.bincount(token_N, minlength=T),
-            expert_load_E=torch.bincount(expert_N, minlength=E),
+            experts_per_token_T=counts(token_N, T),
+            expert_load_E=counts(expert_N, E),
             aux_loss=aux_loss,
             router_entropy=entropy,
             num_tokens=R,
@@ -126,15 +125,22 @@ class Gate(nn.Module):
         if probs_TE.shape[0] == 0:
             return probs_TE.sum()
         E = probs_TE.shape[1]
-        first_choice_fraction_E = torch.bincount(probs_TE.argmax(-1), minlength=E).to(probs_TE.dtype) / probs_TE.shape[0]
+        first_choice_fraction_E = counts(probs_TE.argmax(-1), E).to(probs_TE.dtype) / probs_TE.shape[0]
         return E * (first_choice_fraction_E * probs_TE.mean(0)).sum()
 
 
-def _flatten_top2(top_TK: Tensor, weight_TK: Tensor, second_T: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Flat list of every first choice, then the second choices where `second_T` is set."""
+def counts(index_N: Tensor, size: int) -> Tensor:
+    """How often each of 0..size-1 occurs in `index_N`. Not `torch.bincount`, which on a GPU
+    reads the index's smallest and largest values back to the host: a synchronization."""
+    return torch.zeros(size, dtype=torch.long, device=index_N.device).index_add_(0, index_N, torch.ones_like(index_N))
+
+
+def _flatten_top2(top_TK: Tensor, weight_TK: Tensor, second_T: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat list of every first choice, then the second choices where `second_T` is set
+    (every token's when it is None: a boolean selection would cost a synchronization)."""
     T = top_TK.shape[0]
     tokens_T = torch.arange(T, device=top_TK.device)
-    second_tokens = tokens_T[second_T]
+    second_tokens = tokens_T if second_T is None else tokens_T[second_T]
     return (
         torch.cat([tokens_T, second_tokens]),
         torch.cat([top_TK[:, 0], top_TK[second_tokens, 1]]),
@@ -158,7 +164,7 @@ class Top2Gate(Gate):
 
     def assign(self, probs_TE):
         p_TK, top_TK = probs_TE.topk(2, -1)
-        return _flatten_top2(top_TK, p_TK / p_TK.sum(-1, keepdim=True), torch.ones_like(top_TK[:, 0], dtype=torch.bool))
+        return _flatten_top2(top_TK, p_TK / p_TK.sum(-1, keepdim=True), None)
 
 
 class AdaptiveGate(Gate):

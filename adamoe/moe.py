@@ -194,8 +194,10 @@ class MoELayer(nn.Module):
         order_N = torch.argsort(routing.expert_index_N, stable=True)
         token_N, weight_N = routing.token_index_N[order_N], routing.weight_N[order_N]
         if self.ep_group is None:
-            # The one host-device synchronization a training step needs: the expert loop
-            # slices each expert's rows on the host, so it must know the counts.
+            # The host-device synchronization dispatch needs: the expert loop slices each
+            # expert's rows on the host, so it must know the counts. The gate adds one only
+            # where a count depends on the data: the non-padding tokens of a padded batch,
+            # and the tokens an adaptive gate sends to two experts.
             return self.experts(x_TD, token_N, weight_N, routing.expert_load_E.tolist()), routing
         y_TD, received, sent = parallel_dispatch(self.experts, x_TD, token_N, weight_N, routing.expert_load_E, self.ep_group)
         return y_TD, replace(routing, ep_received=received, ep_bytes=sent)

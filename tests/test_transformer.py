@@ -1,8 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
+from adamoe.ops import linear_cross_entropy
 from adamoe.transformer import Transformer, TransformerConfig
 
 PAD, BOS, EOS = 0, 1, 2
@@ -171,3 +173,41 @@ def test_greedy_continuation_takes_the_argmax_each_step():
     for row, w in zip(got.tolist(), want.tolist()):
         cut = w.index(EOS) + 1 if EOS in w else len(w)
         assert row[:cut] == w[:cut] and all(t == PAD for t in row[cut:])
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that, on a GPU, need a device value on the host and so wait for the
+    device: reading a scalar, counting or selecting by a mask, and bincount (which reads
+    its input's range). On the CPU they run the same Python, so the record is the GPU's."""
+
+    OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::bincount", "aten::_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        by_mask = name == "aten::index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if name in self.OPS or by_mask:
+            self.calls.append("boolean index" if by_mask else name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "gate, per_layer",
+    [(Top1Gate, ["aten::nonzero"]), (Top2Gate, ["aten::nonzero"]), (AdaptiveGate, ["aten::nonzero", "boolean index"])],
+    ids=["top1", "top2", "adaptive"],
+)
+def test_training_step_waits_for_the_device_only_where_a_count_depends_on_the_data(gate, per_layer):
+    # Per MoE layer: the gate's selection of non-padding tokens and, for adaptive gating, of
+    # the two-expert tokens. Dispatch's read of the expert counts is a `.tolist()`, not an op.
+    m = model(gate=gate)
+    src, tgt = toy_batch()
+    tgt_in = F.pad(tgt, (1, 0), value=1)[:, :-1]
+    mode = HostReads()
+    with mode:
+        h, routings = m(src, tgt_in, project=False)
+        loss = linear_cross_entropy(h.flatten(0, 1), m.output.weight, tgt.flatten(), ignore_index=PAD)[0]
+        (loss + sum(r.aux_loss for r in routings)).backward()
+    assert mode.calls == per_layer * len(m.moe_layers())

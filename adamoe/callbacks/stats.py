@@ -16,11 +16,14 @@ def routing_counts(routings: list[Routing]) -> Tensor:
     """One float64 row per MoE layer: counts that add up over steps and ranks."""
     rows = []
     for r in routings:
+        # Host numbers, copied from pinned memory without waiting: a copy from pageable
+        # memory to a GPU waits for everything queued before it.
+        device = r.expert_load_E.device
         head = torch.tensor(
             [r.num_tokens, 0, r.token_index_N.numel(), r.dropped, 0, 0, 1, r.ep_received, r.ep_bytes],
             dtype=torch.float64,
-            device=r.expert_load_E.device,
-        )
+            pin_memory=device.type == "cuda",
+        ).to(device, non_blocking=True)
         head[TWO_EXPERT] = (r.experts_per_token_T >= 2).sum()
         head[ENTROPY] = r.router_entropy.detach()
         head[AUX] = r.aux_loss.detach()
