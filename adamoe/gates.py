@@ -140,11 +140,11 @@ def _flatten_top2(top_TK: Tensor, weight_TK: Tensor, second_T: Tensor | None) ->
     (every token's when it is None: a boolean selection would cost a synchronization)."""
     T = top_TK.shape[0]
     tokens_T = torch.arange(T, device=top_TK.device)
-    second_tokens = tokens_T if second_T is None else tokens_T[second_T]
+    second = slice(None) if second_T is None else tokens_T[second_T]  # a slice takes views, no gathers
     return (
-        torch.cat([tokens_T, second_tokens]),
-        torch.cat([top_TK[:, 0], top_TK[second_tokens, 1]]),
-        torch.cat([weight_TK[:, 0], weight_TK[second_tokens, 1]]),
+        torch.cat([tokens_T, tokens_T[second]]),
+        torch.cat([top_TK[:, 0], top_TK[second, 1]]),
+        torch.cat([weight_TK[:, 0], weight_TK[second, 1]]),
     )
 
 

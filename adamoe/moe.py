@@ -196,8 +196,9 @@ class MoELayer(nn.Module):
         if self.ep_group is None:
             # The host-device synchronization dispatch needs: the expert loop slices each
             # expert's rows on the host, so it must know the counts. The gate adds one only
-            # where a count depends on the data: the non-padding tokens of a padded batch,
-            # and the tokens an adaptive gate sends to two experts.
+            # where a count depends on the data: the non-padding tokens, when it is given a
+            # padding mask (the transformer always gives one), and the tokens an adaptive
+            # gate sends to two experts.
             return self.experts(x_TD, token_N, weight_N, routing.expert_load_E.tolist()), routing
         y_TD, received, sent = parallel_dispatch(self.experts, x_TD, token_N, weight_N, routing.expert_load_E, self.ep_group)
         return y_TD, replace(routing, ep_received=received, ep_bytes=sent)
