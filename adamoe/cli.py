@@ -3,6 +3,7 @@
 import errno
 import os
 import re
+import signal
 import sys
 import warnings
 from datetime import timedelta
@@ -13,11 +14,12 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from adamoe import precedence
 from adamoe.callbacks import AtomicCheckpointIO, Checkpoint, EpochTimer, NonFiniteGuard, RoutingAnalysis
 from adamoe.data import TextData
-from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError
+from adamoe.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from adamoe.moe import MoELayer
 from adamoe.tasks import MoEModule
 
@@ -94,34 +96,68 @@ class AdamoeCLI(LightningCLI):
         self._command_line = (
             [str(a) for a in (sys.argv[1:] if args is None else args)] if args is None or isinstance(args, (list, tuple)) else []
         )
+        for i, arg in enumerate(self._command_line[:-1]):  # jsonargparse's own YAML errors name neither file nor line
+            if arg == "--config" and Path(self._command_line[i + 1]).is_file():
+                precedence.load_yaml(self._command_line[i + 1])
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self):
         """Lightning rebuilds the model from a checkpoint's saved arguments, over the config.
-        Two changes: a checkpoint of another task stops here, rather than meeting this task's
-        data deep inside a step; and `--model.*` given on the command line (`predict_output`,
-        `beam_size`, ...) win over the saved ones."""
+        Here the user's settings win instead (`adamoe.precedence`): the checkpoint fills what
+        they leave unset, field by field, and says which of its values are not in effect. A
+        checkpoint of another task stops here, rather than meeting this task's data deep
+        inside a step; `--ckpt_path last` is looked up here, so that all of this applies to it."""
         subcommand = self.config.get("subcommand")
-        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not subcommand:
+            return
+        ckpt = self.config[subcommand].get("ckpt_path")
+        if ckpt == "last":
+            ckpt = self._resolve_last(subcommand)
         if not ckpt or not Path(ckpt).is_file():
             return
         try:
             hparams = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-        except Exception as e:  # a truncated or foreign file
+        except Exception as e:  # a truncated, foreign or malicious file
             raise CheckpointError(f"{ckpt}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if not isinstance(hparams, dict):
+            raise CheckpointError(f"{ckpt}: not a checkpoint of this program (its hyper_parameters are a {type(hparams).__name__})")
         hparams.pop("_instantiator", None)
-        saved, wanted = hparams.pop("_class_path", None), self.config[subcommand].get("model", {}).get("class_path")
+        model = self.config[subcommand].get("model")
+        saved, wanted = hparams.pop("_class_path", None), model.get("class_path") if model else None
         if saved and wanted and saved != wanted:
             raise CheckpointError(f"{ckpt} was saved by {saved}; this config's model is {wanted}, for another task")
-        given = {
-            a.split("=")[0].removeprefix("--model.").removeprefix("init_args.").split(".")[0]
-            for a in self._command_line
-            if a.startswith("--model.")
-        }
-        kept = {k: v for k, v in hparams.items() if k not in given}
-        if kept:
-            model = {"class_path": saved, "dict_kwargs": kept} if saved else kept
-            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        if not hparams or model is None:
+            return
+        effective = model.init_args.as_dict() if model.get("init_args") is not None else {}
+        foreign = precedence.foreign_classes(hparams, effective)
+        if foreign:
+            raise CheckpointError(
+                f"{ckpt} names {', '.join(foreign)}, from a package this run does not use: set the class in the config if you trust it"
+            )
+        merged = precedence.merge(hparams, effective, precedence.user_keys(self._command_line))
+        unused = precedence.differences(hparams, merged)
+        if unused:
+            rank_zero_info(f"{Path(ckpt).name}: the config overrides its saved {'; '.join(unused)}")
+        self.config = self.parser.parse_object({subcommand: {"model": {"class_path": wanted or saved, "init_args": merged}}}, self.config)
+
+    def _resolve_last(self, subcommand: str) -> str | None:
+        """`--ckpt_path last`: the run's last.ckpt, found where `Checkpoint` writes it. Fit
+        without one starts afresh; evaluating random weights would be no evaluation."""
+        config = self.config[subcommand]
+        logger = config.trainer.get("logger")
+        init = logger.get("init_args") if logger and not isinstance(logger, bool) and hasattr(logger, "get") else None
+        folder = config.get("checkpoint", {}).get("dirpath") or (
+            Path(init.get("save_dir") or ".") / str(init.get("name") or "") / "checkpoints" if init else None
+        )
+        last = Path(folder) / "last.ckpt" if folder else None
+        if last is not None and last.is_file():
+            config.ckpt_path = str(last)
+            return str(last)
+        if subcommand != "fit":
+            raise CheckpointError(f"--ckpt_path last: no last.ckpt in {folder}; {subcommand} needs trained weights")
+        rank_zero_info(f"--ckpt_path last: no last.ckpt in {folder} yet; starting a new run")
+        config.ckpt_path = None
+        return None
 
     def _check_run(self):
         """What would otherwise fail late, or deep inside a library."""
@@ -155,6 +191,20 @@ class AdamoeCLI(LightningCLI):
 
     before_fit = before_validate = before_test = before_predict = _check_run
 
+    def after_fit(self):
+        ckpt = self.trainer.checkpoint_callback
+        if isinstance(ckpt, Checkpoint) and ckpt.interrupted:
+            name = ckpt.interrupted
+            code = 128 + getattr(signal, name, signal.SIGTERM) if name.startswith("SIG") else 1
+            raise Interrupted(
+                f"stopped by {name} at step {self.trainer.global_step}, saved {ckpt.last_model_path}; "
+                f"resume with the same command and --ckpt_path {ckpt.last_model_path}",
+                code,
+            )
+
+    def after_predict(self):
+        rank_zero_info(f"Predictions: {self.model.hparams.predict_output}")
+
 
 def cpu_has_fast_bf16() -> bool:
     try:
@@ -181,7 +231,7 @@ def main(args=None, run: bool = True) -> AdamoeCLI:
 
 
 # Write failures a user fixes outside the code: a full disk, a read-only or missing folder.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EDQUOT, errno.ENOENT}
+WRITE_ERRNOS = {errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EDQUOT, errno.ENOENT}
 
 
 def entry(args=None) -> int:
@@ -197,7 +247,8 @@ def entry(args=None) -> int:
         while cause is not None and not _is_users(cause):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
-            return _fail(e, f"error: {cause.filename or ''}: {cause.strerror}" if isinstance(cause, OSError) else f"error: {cause}")
+            line = f"error: {cause.filename or ''}: {cause.strerror}" if isinstance(cause, OSError) else f"error: {cause}"
+            return _fail(e, line, getattr(cause, "exit_code", 2))
         if _lost_peer(e):
             # The rank that failed first has said why; a page of traceback per survivor adds nothing.
             return _fail(
@@ -249,9 +300,9 @@ def _lightning_setting(e: BaseException) -> bool:
     return isinstance(e, ValueError) and f"lightning{os.sep}pytorch{os.sep}loops" in where
 
 
-def _fail(exception, line: str) -> int:
+def _fail(exception, line: str, code: int = 2) -> int:
     if os.environ.get("ADAMOE_TRACEBACK"):
         raise exception
     rank = os.environ.get("LOCAL_RANK")
     print(f"[rank {rank}] {line}" if rank not in (None, "0") else line, file=sys.stderr, flush=True)
-    return 2
+    return code

@@ -15,3 +15,11 @@ class CheckpointError(ValueError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says where it stopped and what is saved."""
+
+
+class Interrupted(TrainingError):
+    """Ctrl-C or SIGTERM stopped training after saving; the message says how to resume."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

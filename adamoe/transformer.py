@@ -135,6 +135,11 @@ class Transformer(nn.Module):
         c = config
         if c.moe_every < 0:
             raise ConfigError(f"moe_every must be >= 0, got {c.moe_every}")
+        for name in ("d_model", "n_heads", "d_ff", "num_experts"):
+            if getattr(c, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
+        if min(c.num_encoder_layers, c.num_decoder_layers) < 0 or c.num_encoder_layers + c.num_decoder_layers == 0:
+            raise ConfigError(f"layers must be >= 0 and not all 0, got {c.num_encoder_layers} + {c.num_decoder_layers}")
         self.config = config
         self.pad_id = pad_id
         self.d_model = c.d_model

@@ -137,6 +137,112 @@ CASES = {
 }
 
 
+def elsewhere(tmp, subcommand: str) -> list[str]:
+    """A subcommand with `--ckpt_path last` in a log folder that holds no run."""
+    return [subcommand, "--config", str(tiny_config(tmp)), "--trainer.logger.init_args.save_dir", str(tmp / "empty"), "--ckpt_path", "last"]
+
+
+def last_is(tmp, content: bytes) -> list[str]:
+    """`--ckpt_path last` where the run's last.ckpt holds `content`."""
+    folder = tmp / "logs" / "tiny" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(content)
+    return ["validate", "--config", str(tiny_config(tmp)), "--ckpt_path", "last"]
+
+
+def malicious() -> bytes:
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    return pickle.dumps({"state_dict": Payload()})
+
+
+def bad_yaml(tmp) -> list[str]:
+    path = tmp / "broken.yaml"
+    path.write_text("trainer:\n  max_steps: 3\n   logger: x\n")
+    return ["fit", "--config", str(tiny_config(tmp)), "--config", str(path)]
+
+
+def raw_files(tmp, de: bytes, en: bytes, split="train") -> str:
+    root = tmp / "raw"
+    root.mkdir(exist_ok=True)
+    for s in ("train", "val", "test"):
+        for lang, data in (("de", de), ("en", en)):
+            (root / f"{s}.{lang}").write_bytes(data if s == split else (b"ein Hund\n" if lang == "de" else b"a dog\n"))
+    return str(root)
+
+
+def with_test_split(tmp, root: str) -> list[str]:
+    args = with_source(tmp, root)
+    return [*args, "--data.init_args.source.init_args.test", "test"]
+
+
+CASES |= {
+    "BPE sample of 0 texts": (lambda t, c: fit(t, "--data.init_args.bpe_sample", 0), "bpe_sample must be a positive number"),
+    "BPE sample too small for a vocabulary": (
+        lambda t, c: fit(t, "--data.init_args.bpe_sample", 1),
+        "of the training tokens are <unk>",
+    ),
+    "translation without an encoder": (
+        lambda t, c: fit(t, "--model.init_args.net.num_encoder_layers", 0),
+        "TranslationModule needs an encoder and a decoder",
+    ),
+    "translation without a decoder": (
+        lambda t, c: fit(t, "--model.init_args.net.num_decoder_layers", 0),
+        "TranslationModule needs an encoder and a decoder",
+    ),
+    "validate last without a checkpoint": (lambda t, c: elsewhere(t, "validate"), "no last.ckpt in"),
+    "test last without a checkpoint": (lambda t, c: elsewhere(t, "test"), "test needs trained weights"),
+    "predict last without a checkpoint": (lambda t, c: elsewhere(t, "predict"), "predict needs trained weights"),
+    "mistyped checkpoint monitor": (lambda t, c: fit(t, "--checkpoint.monitor", "val/los"), "checkpoint.monitor 'val/los' is not logged"),
+    "negative learning rate": (
+        lambda t, c: fit(t, "--model.init_args.optimizer", "{class_path: torch.optim.AdamW, init_args: {lr: -0.001}}"),
+        "model.optimizer: Invalid learning rate: -0.001",
+    ),
+    "zero learning rate": (
+        lambda t, c: fit(t, "--model.init_args.optimizer", "{class_path: torch.optim.SGD, init_args: {lr: 0.0}}"),
+        "the learning rate must be positive, got 0.0",
+    ),
+    "d_model 0": (lambda t, c: fit(t, "--model.init_args.net.d_model", 0), "d_model must be at least 1, got 0"),
+    "n_heads 0": (lambda t, c: fit(t, "--model.init_args.net.n_heads", 0), "n_heads must be at least 1, got 0"),
+    "no experts": (lambda t, c: fit(t, "--model.init_args.net.num_experts", 0), "num_experts must be at least 1, got 0"),
+    "negative batch size": (
+        lambda t, c: fit(t, "--data.init_args.max_tokens", "null", "--data.init_args.batch_size", -4),
+        "batch_size and max_tokens must be positive or null, got -4",
+    ),
+    "cache folder not permitted": (
+        lambda t, c: fit(t, "--data.init_args.cache_dir", "/sys/adamoe-cache"),
+        "Operation not permitted",
+    ),
+    "predict_output is a folder": (
+        lambda t, c: ["predict", "--config", str(tiny_config(t)), "--ckpt_path", str(c), "--model.init_args.predict_output", str(t)],
+        "is a folder; give a file name",
+    ),
+    "foreign file as last.ckpt": (lambda t, c: last_is(t, b"not a checkpoint at all"), "not a readable checkpoint"),
+    "malicious pickle as last.ckpt": (lambda t, c: last_is(t, malicious()), "not a readable checkpoint"),
+    "YAML syntax error": (lambda t, c: bad_yaml(t), "broken.yaml:3: not valid YAML"),
+    "line of zero-width space only": (
+        lambda t, c: with_source(t, parallel_files(t, [b"ein", "\u200b".encode()], [b"one", b"two"])),
+        "train.de.gz:2: empty line",
+    ),
+    "old Mac line endings": (
+        lambda t, c: with_source(t, raw_files(t, b"ein Hund\rzwei Hunde\r", b"a dog\rtwo dogs\r")),
+        "carriage return alone",
+    ),
+    "empty test split, found before tokenizing": (
+        lambda t, c: with_test_split(t, raw_files(t, b"", b"", split="test")),
+        "test.de: empty file",
+    ),
+    "too long, with file and line": (
+        lambda t, c: with_source(t, parallel_files(t, [b"ein", b"zwei"], [b"one", b" ".join([b"w"] * 300)])),
+        "train.en.gz:2: train: 1 of 2 samples",
+    ),
+}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_naming_the_culprit(case, fitted, tmp_path, capsys):
     make_args, expected = CASES[case]

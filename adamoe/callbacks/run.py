@@ -3,6 +3,8 @@
 import datetime
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -50,12 +52,17 @@ class Checkpoint(ModelCheckpoint):
     every version of a run, so that `--ckpt_path last` finds the previous run's last.ckpt.
 
     `save_last_every` (default 30 minutes) also writes `last.ckpt` during an epoch, so
-    that a killed run loses at most that much training, however long its epochs.
+    that a killed run loses at most that much training, however long its epochs. Ctrl-C
+    (SIGINT) or a scheduler's SIGTERM writes `last.ckpt` at the end of the current step and
+    stops the run (`interrupted` then names the signal); a second Ctrl-C stops at once.
     """
 
     def __init__(self, *args, save_last_every: datetime.timedelta | None = datetime.timedelta(minutes=30), **kwargs):
         super().__init__(*args, **kwargs)
         self.save_last_every = save_last_every
+        self.interrupted: str | None = None
+        self._signal: int | None = None
+        self._handlers: dict = {}
 
     def _fix_dirpath(self, trainer):
         if self.dirpath is None and trainer.loggers:
@@ -65,21 +72,56 @@ class Checkpoint(ModelCheckpoint):
     def setup(self, trainer, pl_module, stage):
         self._fix_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.monitor and hasattr(pl_module, "metric_names"):
+            known = pl_module.metric_names()
+            if self.monitor not in known:
+                task = type(pl_module).__name__
+                raise ConfigError(f"checkpoint.monitor {self.monitor!r} is not logged by {task}; it logs {sorted(known)}")
         if trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
             for stale in Path(self.dirpath).glob(".*.tmp"):  # left by a writer that was killed
                 stale.unlink(missing_ok=True)
 
+    def load_state_dict(self, state_dict):
+        # Paths in a checkpoint are data: a file this callback would later delete as a worse
+        # top-k checkpoint must lie in its own folder.
+        folder = Path(self.dirpath or state_dict.get("dirpath") or ".").resolve()
+        state_dict = dict(state_dict)
+        state_dict["best_k_models"] = {p: v for p, v in state_dict.get("best_k_models", {}).items() if Path(p).resolve().parent == folder}
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if state_dict.get(key) and Path(state_dict[key]).resolve().parent != folder:
+                state_dict[key] = ""
+        super().load_state_dict(state_dict)
+
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
         self._last_saved_at = time.monotonic()
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self._signal = signum
+        signal.signal(signum, self._handlers.get(signum, signal.SIG_DFL))  # a second one is not caught
+
+    def on_train_end(self, trainer, pl_module):
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.save_last_every is None or not self.save_last or self._should_skip_saving_checkpoint(trainer):
+        if trainer.fast_dev_run:
             return
-        due = time.monotonic() - self._last_saved_at >= self.save_last_every.total_seconds()
-        # Saving is collective (every rank contributes state): rank 0's clock decides for all.
-        if trainer.strategy.broadcast(due):
+        # Every rank saves the same step: a signal that reached any rank stops them all.
+        stop = trainer.strategy.reduce_boolean_decision(self._signal is not None, all=False)
+        if stop:
+            self.interrupted = signal.Signals(self._signal).name if self._signal else "a signal to another rank"
+            trainer.should_stop = True
+        due = False
+        if self.save_last and self.save_last_every is not None:
+            # Saving is collective (every rank contributes state): rank 0's clock decides for all.
+            due = trainer.strategy.broadcast(time.monotonic() - self._last_saved_at >= self.save_last_every.total_seconds())
+        if stop or due:
             # Written directly rather than through ModelCheckpoint's bookkeeping, which would
             # then skip the top-k save of a validation at this same step.
             path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
@@ -90,10 +132,6 @@ class Checkpoint(ModelCheckpoint):
     def on_validation_end(self, trainer, pl_module):
         super().on_validation_end(trainer, pl_module)
         self._last_saved_at = time.monotonic()
-
-    def _find_last_checkpoints(self, trainer):
-        self._fix_dirpath(trainer)
-        return super()._find_last_checkpoints(trainer)
 
 
 class MetricsSummary(Callback):

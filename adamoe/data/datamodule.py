@@ -4,13 +4,13 @@ One base, `TextData`, does the work; a task declares which columns it tokenizes 
 which side of the batch (`COLUMNS`) and which it passes through as they are (`KEEP`)."""
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from adamoe.data import store
+from adamoe.data import cache, store
 from adamoe.data import tokenizer as bpe
 from adamoe.data.batch import collate
 from adamoe.data.batching import ShardedBatchSampler
@@ -27,7 +27,9 @@ from adamoe.errors import ConfigError
 
 # Part of every cache key: raise it whenever a change to the preprocessing code changes
 # the tokenized result, so that no cache made by older code is read.
-CACHE_VERSION = "4"
+CACHE_VERSION = "5"
+# More <unk> than this in the tokenized training split means the vocabulary cannot cover the data.
+UNK_LIMIT = 0.05
 
 
 class TextData(LightningDataModule):
@@ -52,12 +54,17 @@ class TextData(LightningDataModule):
         bpe_sample: int | None = 2_000_000,
         predict_split: Literal["train", "val", "test"] = "test",
         cache_dir: str = "data",
+        verify_cache: bool = False,
         num_workers: int = 0,
         seed: int = 0,
     ):
         super().__init__()
         if vocab_size <= len(bpe.SPECIALS):
             raise ConfigError(f"vocab_size={vocab_size} leaves no room beside the {len(bpe.SPECIALS)} special tokens {bpe.SPECIALS}")
+        if bpe_sample is not None and bpe_sample < 1:
+            raise ConfigError(f"bpe_sample must be a positive number of texts or null (all of them), got {bpe_sample}")
+        if batch_size is not None and batch_size < 1 or max_tokens is not None and max_tokens < 1:
+            raise ConfigError(f"batch_size and max_tokens must be positive or null, got {batch_size} and {max_tokens}")
         if max_tokens is not None and max_tokens < max(max_source_len, max_target_len):
             raise ConfigError(f"max_tokens={max_tokens} cannot hold one sequence of max length {max(max_source_len, max_target_len)}")
         self.source = source
@@ -69,6 +76,7 @@ class TextData(LightningDataModule):
         self.bpe_sample = bpe_sample
         self.predict_split = predict_split
         self.cache_dir = Path(cache_dir)
+        self.verify_cache = verify_cache
         self.num_workers = num_workers
         self.seed = seed
         self.tokenizer = None
@@ -100,20 +108,28 @@ class TextData(LightningDataModule):
 
     def prepare_data(self):
         """Rank 0 only: read and check the data, train the tokenizer, tokenize, cache. The
-        corpus streams through a chunk at a time."""
-        if self.dataset_dir.is_dir() and self.tokenizer_path.exists():
-            rank_zero_info(f"Reusing cached dataset {self.dataset_dir} and tokenizer {self.tokenizer_path}")
-            return
+        corpus streams through a chunk at a time. Runs that share a cache take turns: the
+        second waits for the first and reuses its cache."""
+        self.dataset_dir.parent.mkdir(parents=True, exist_ok=True)
+        with cache.lock(self.dataset_dir):
+            if cache.verified(self.dataset_dir, self.tokenizer_path, full=self.verify_cache):
+                rank_zero_info(f"Reusing cached dataset {self.dataset_dir} and tokenizer {self.tokenizer_path}")
+                return
+            self._build()
+
+    def _build(self):
         if self.source.chunks("train") is None or self.source.chunks("val") is None:
             raise DataError(f"{type(self.source).__name__}: the data source needs a train and a val split")
+        for split in SPLITS:  # an empty or missing split fails here, not after tokenizing the others
+            if self.source.chunks(split) is not None:
+                next(iter(self._chunks(split)), None)
         self.scan_train(self._chunks("train"))
         started = time.perf_counter()
         tok, cached = bpe.load_or_train(self.tokenizer_path, self._bpe_texts(), self.vocab_size)
         took = "" if cached else f" in {time.perf_counter() - started:.0f} s"
         rank_zero_info(f"{'Reusing' if cached else 'Trained'} BPE tokenizer {self.tokenizer_path} ({tok.get_vocab_size()} tokens){took}")
         # Built aside and renamed into place: a killed run leaves no half cache to be read.
-        for stale in self.dataset_dir.parent.glob(f".{self.dataset_dir.name}.*.tmp"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        cache.remove_orphans(self.dataset_dir)
         staging = self.dataset_dir.with_name(f".{self.dataset_dir.name}.{os.getpid()}.tmp")
         staging.mkdir(parents=True)
         for split in SPLITS:
@@ -123,12 +139,21 @@ class TextData(LightningDataModule):
                 rows = store.write(staging / f"{split}.arrow", _counted(tables, bar))
                 bar.close()
                 rank_zero_info(f"Tokenized {split}: {rows:,} samples in {time.perf_counter() - started:.0f} s")
-        try:
-            staging.rename(self.dataset_dir)
-        except OSError:
-            if not self.dataset_dir.is_dir():  # else another process finished the same cache first
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
+                if split == "train":
+                    self._check_vocabulary(staging / "train.arrow")
+        cache.write_manifest(staging, self.tokenizer_path)
+        staging.rename(self.dataset_dir)
+
+    def _check_vocabulary(self, path: Path):
+        """A vocabulary learned from too little text maps most words to <unk>: training on that is training on noise."""
+        table = store.Split.open(path, self.COLUMNS.values()).table
+        ids = pa.concat_arrays([c.flatten() for side in set(self.COLUMNS.values()) for c in table.column(side).chunks])
+        share = pc.mean(pc.equal(ids, bpe.UNK_ID)).as_py() or 0.0
+        if share > UNK_LIMIT:
+            raise ConfigError(
+                f"{share:.0%} of the training tokens are <unk>: the vocabulary (bpe_sample={self.bpe_sample}) is learned from too "
+                "little text; raise bpe_sample or set it to null"
+            )
 
     def _chunks(self, split: str):
         for chunk in self.source.chunks(split):
@@ -147,13 +172,20 @@ class TextData(LightningDataModule):
 
     def setup(self, stage: str | None = None):
         """Every rank: memory-map the cached splits and apply the length limits."""
-        self.tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise DataError(f"{self.tokenizer_path}: cannot read the tokenizer ({e}); run again to rebuild the cache") from None
         if self.tokenizer.get_vocab_size() > self.vocab_size:
             raise DataError(f"{self.tokenizer_path}: {self.tokenizer.get_vocab_size()} tokens, more than vocab_size={self.vocab_size}")
         for split in SPLITS:
             path = self.dataset_dir / f"{split}.arrow"
             if split not in self.splits and path.exists():
-                self.splits[split] = self._limit_lengths(split, store.Split.open(path, self.COLUMNS.values()))
+                try:
+                    opened = store.Split.open(path, self.COLUMNS.values())
+                except (pa.ArrowInvalid, OSError) as e:
+                    raise DataError(f"{path}: cannot read the cached split ({e}); run again to rebuild the cache") from None
+                self.splits[split] = self._limit_lengths(split, opened)
         if self.train_sampler is None:
             order = {"none": "length"}.get(self.curriculum, self.curriculum)
             self.train_sampler = self._sampler("train", order, self.curriculum_pool)
@@ -188,7 +220,12 @@ class TextData(LightningDataModule):
             kind = "source" if side == "src" else "target"
             what = f"{split}: {long.size} of {len(ds)} samples ({long.size / len(ds):.2%}) have a {kind} longer than {limit} tokens"
             if self.too_long == "error":
-                raise DataError(f"{what} (first: sample {long[0]}). Raise the limit, or set too_long to 'filter' or 'truncate'")
+                first = int(long[0] if ds.rows is None else ds.rows[long[0]])
+                column = next(c for c, s in self.COLUMNS.items() if s == side)
+                raise DataError(
+                    f"{self.source.locate(split, first, column)}: {what} (this is the first). "
+                    "Raise the limit, or set too_long to 'filter' or 'truncate'"
+                )
             rank_zero_info(f"{what}: {'filtered out' if self.too_long == 'filter' else 'truncated'}")
             if self.too_long == "filter":
                 ds.keep(ds.lengths[side] <= limit)

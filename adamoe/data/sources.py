@@ -42,6 +42,10 @@ class DataSource:
         table = ds.with_format("arrow")[:]
         return (table.slice(i, CHUNK_ROWS) for i in range(0, len(table), CHUNK_ROWS))
 
+    def locate(self, split: str, index: int, column: str) -> str:
+        """Where sample `index` (from 0) of `split` is, for an error message: a file and line where known."""
+        return f"{split} sample {index + 1}"
+
     def fingerprint(self) -> str:
         """Changes whenever the data would: used to key the tokenizer and dataset caches.
         The class is part of it: two sources with equal arguments can make different data."""
@@ -86,6 +90,10 @@ class SyntheticText(Generated):
         return datasets.Dataset.from_dict({"text": synthetic.generate(self.size(split), seed=self.split_seed(split))[0]})
 
 
+# Characters that show nothing: a line of only these is blank.
+ZERO_WIDTH = "[\u200b\u200c\u200d\u2060\ufeff]"
+
+
 def _file_stamp(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
@@ -114,6 +122,10 @@ def _line_chunks(path: Path) -> Iterator[pa.Array]:
     with opener(path, "rb") as f:
         lines, tail, first = [], b"", 1
         while block := f.read(1 << 24):
+            if first == 1 and not lines and not tail:
+                block = block.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not text
+                if b"\r" in block and b"\n" not in block:
+                    raise DataError(f"{path}: lines end in a carriage return alone (old Mac line endings); convert them to \\n")
             *done, tail = (tail + block).split(b"\n")
             lines += done
             while len(lines) >= rows:
@@ -126,9 +138,15 @@ def _line_chunks(path: Path) -> Iterator[pa.Array]:
             raise DataError(f"{path}: empty file")
 
 
+def blank(text: pa.Array) -> pa.Array:
+    """True where a text is empty once whitespace and zero-width characters are removed."""
+    visible = pc.replace_substring_regex(text, ZERO_WIDTH, "")
+    return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(visible)), 0)
+
+
 def _first_blank(text: pa.Array) -> int | None:
-    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False)
-    where = np.flatnonzero(blank)
+    blank_ = blank(text).to_numpy(zero_copy_only=False)
+    where = np.flatnonzero(blank_)
     return int(where[0]) if where.size else None
 
 
@@ -162,6 +180,9 @@ class ParallelText(DataSource):
         if self.prefixes[split] is None:
             return None
         return self._chunks(self._path(split, self.src_lang), self._path(split, self.tgt_lang))
+
+    def locate(self, split, index, column):
+        return f"{self._path(split, self.src_lang if column == 'source' else self.tgt_lang)}:{index + 1}"
 
     def _chunks(self, src_path: Path, tgt_path: Path):
         src, tgt, done = _line_chunks(src_path), _line_chunks(tgt_path), 0
@@ -198,7 +219,7 @@ class TextLines(DataSource):
     def _chunks(self, path: Path):
         lines = kept = 0
         for text in _line_chunks(path):
-            real = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
+            real = pc.invert(blank(text))
             lines, kept = lines + len(text), kept + pc.sum(real).as_py()
             yield pa.table({"text": text.filter(real)})
         if not kept:
@@ -224,7 +245,7 @@ def _select_columns(ds: datasets.Dataset, columns: dict[str, str], where: str, f
         for ours, theirs in columns.items():
             values = part.column(theirs).combine_chunks()
             if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-                bad = pc.or_kleene(pc.is_null(values), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+                bad = pc.or_kleene(pc.is_null(values), blank(values))
             elif ours == "label" and pa.types.is_integer(values.type):
                 bad = pc.is_null(values)
             else:
@@ -273,7 +294,16 @@ class TableFiles(DataSource):
             ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train", **kwargs)
         except Exception as e:  # the loaders raise many types; keep the file name in front
             raise DataError(f"{path}: cannot read as {fmt}: {e}") from e
-        return _select_columns(ds, self.columns, path, first_line=2 if fmt in ("tsv", "csv") else 1)
+        return _select_columns(ds, self.columns, path, first_line=self._first_line(path))
+
+    def _first_line(self, path: str) -> int:
+        return 2 if (self.format or self.FORMATS.get(Path(path.removesuffix(".gz")).suffix)) in ("tsv", "csv") else 1
+
+    def locate(self, split, index, column):
+        path = self.files[split]
+        if not path or Path(path).suffix == ".parquet":
+            return super().locate(split, index, column)
+        return f"{path}:{index + self._first_line(path)}"
 
 
 class HubDataset(DataSource):

@@ -33,7 +33,10 @@ def load_or_train(path: Path, texts: Iterable[str], vocab_size: int) -> tuple[To
     """The tokenizer cached at `path`, or a new one trained on `texts` and saved there.
     Returns it and whether it came from the cache."""
     if path.exists():
-        return Tokenizer.from_file(str(path)), True
+        try:
+            return Tokenizer.from_file(str(path)), True
+        except Exception as e:  # the tokenizers library raises its own exception type
+            print(f"Retraining the tokenizer: {path} is unreadable ({str(e).splitlines()[0]})", flush=True)
     tok = train_bpe(texts, vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

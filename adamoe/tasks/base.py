@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 
 from adamoe.data.batch import Batch
-from adamoe.errors import CheckpointError
+from adamoe.errors import CheckpointError, ConfigError
 from adamoe.gates import Routing
 from adamoe.parallel import expert_group, gather_experts, parallelize_experts, record_parameter_names, slice_experts
 from adamoe.schedulers import WarmupInverseSqrt
@@ -160,8 +160,32 @@ class MoEModule(LightningModule):
             path.write_text("".join(line + "\n" for _, line in sorted(p for part in gathered for p in part)))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
+        try:
+            optimizer = self.optimizer(self.parameters())
+        except ValueError as e:  # torch's own checks of the optimizer's settings
+            raise ConfigError(f"model.optimizer: {e}") from None
+        rates = [g["lr"] for g in optimizer.param_groups if not g["lr"] > 0]
+        if rates:
+            raise ConfigError(f"the learning rate must be positive, got {rates[0]} ({type(optimizer).__name__})")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, because
+        # fp16's loss scaler unscales inside the fused step. bf16 has no scaler: the gradients
+        # are already true, so they are clipped here; with a scaler, Lightning decides.
+        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            clip = torch.nn.utils.clip_grad_norm_ if gradient_clip_algorithm in (None, "norm") else torch.nn.utils.clip_grad_value_
+            clip([p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def metric_names(self) -> set[str]:
+        """What the task logs, for checking a monitored name before the first step."""
+        return {"train/loss", "train/aux_loss"} | {f"{stage}/{name}" for stage in STAGES for name in self.stage_metrics[stage]}
+
+    def on_predict_start(self):
+        if Path(self.hparams.predict_output).is_dir():
+            raise ConfigError(f"predict_output {self.hparams.predict_output} is a folder; give a file name")
 
     def configure_model(self):
         if self.hparams.expert_parallel and dist.is_available() and dist.is_initialized() and expert_group(self) is None:

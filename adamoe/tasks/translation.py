@@ -4,6 +4,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore
 
 from adamoe.data.batch import Batch
+from adamoe.errors import ConfigError
 from adamoe.ops import linear_cross_entropy
 from adamoe.tasks.base import MoEModule, Perplexity
 
@@ -30,6 +31,13 @@ class TranslationModule(MoEModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
+
+    def check_config(self, config):
+        if not (config.num_encoder_layers and config.num_decoder_layers):
+            raise ConfigError(
+                "TranslationModule needs an encoder and a decoder: net.num_encoder_layers and net.num_decoder_layers must be >= 1, "
+                f"got {config.num_encoder_layers} and {config.num_decoder_layers}"
+            )
 
     def forward(self, batch: Batch, project: bool = True):
         return self.net(batch["src"], batch["tgt_in"], batch["src_pad"], batch["tgt_pad"], project=project)
