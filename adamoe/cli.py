@@ -3,7 +3,6 @@
 import errno
 import os
 import re
-import signal
 import sys
 import warnings
 from datetime import timedelta
@@ -19,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from adamoe import precedence
 from adamoe.callbacks import AtomicCheckpointIO, Checkpoint, EpochTimer, NonFiniteGuard, RoutingAnalysis
 from adamoe.data import TextData
-from adamoe.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
+from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError
 from adamoe.moe import MoELayer
 from adamoe.tasks import MoEModule
 
@@ -190,17 +189,6 @@ class AdamoeCLI(LightningCLI):
                 )
 
     before_fit = before_validate = before_test = before_predict = _check_run
-
-    def after_fit(self):
-        ckpt = self.trainer.checkpoint_callback
-        if isinstance(ckpt, Checkpoint) and ckpt.interrupted:
-            name = ckpt.interrupted
-            code = 128 + getattr(signal, name, signal.SIGTERM) if name.startswith("SIG") else 1
-            raise Interrupted(
-                f"stopped by {name} at step {self.trainer.global_step}, saved {ckpt.last_model_path}; "
-                f"resume with the same command and --ckpt_path {ckpt.last_model_path}",
-                code,
-            )
 
     def after_predict(self):
         rank_zero_info(f"Predictions: {self.model.hparams.predict_output}")

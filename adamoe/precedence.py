@@ -100,18 +100,18 @@ def differences(saved: dict, effective: dict) -> list[str]:
     return [
         f"{'.'.join(k)}: checkpoint {v!r}, in effect {ours[k]!r}"
         for k, v in leaves(saved).items()
-        if k in ours and ours[k] != v and k[-1] not in PATHS
+        if k in ours and ours[k] != v and k[-1:] not in [(p,) for p in PATHS]
     ]
 
 
 def foreign_classes(saved: dict, effective: dict) -> list[str]:
     """Class paths in `saved` from a package that neither `TRUSTED` nor the run's own config
     (`effective`) names, and that is not imported already."""
-    own = {str(v).split(".")[0] for k, v in leaves(effective).items() if k[-1] == "class_path"}
+    own = {str(v).split(".")[0] for k, v in leaves(effective).items() if k[-1:] == ("class_path",)}
     return [
         path
         for k, path in leaves(saved).items()
-        if k[-1] == "class_path"
+        if k[-1:] == ("class_path",)
         and isinstance(path, str)
         and path.split(".")[0] not in (*TRUSTED, *own)
         and path.rsplit(".", 1)[0] not in sys.modules

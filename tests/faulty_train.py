@@ -4,7 +4,8 @@ FAULT=<where>:<n> kills this process with SIGKILL at the n-th <where> of the pro
 - `prepare`: right after the first tokenized split is saved to the cache;
 - `step`: inside a training step, before its backward;
 - `checkpoint`: halfway through writing a checkpoint file;
-- `validation`: inside a validation batch (sanity checks not counted).
+- `validation`: inside a validation batch (sanity checks not counted);
+- `sigint`, `sigterm`: sends itself that signal inside a training step, instead of dying.
 POISON=<module name>:<step>[,<step>...] makes that module's output NaN in the training
 steps with those global step numbers. FAULT_RANK=<r> limits both to DDP rank r.
 """
@@ -26,7 +27,7 @@ from adamoe.data import store  # noqa: E402
 RANK = os.environ.get("LOCAL_RANK", "0")
 ARMED = os.environ.get("FAULT_RANK", RANK) == RANK
 WHERE, _, N = os.environ.get("FAULT", "").partition(":")
-calls = {"prepare": 0, "step": 0, "checkpoint": 0, "validation": 0}
+calls = {"prepare": 0, "step": 0, "checkpoint": 0, "validation": 0, "sigint": 0, "sigterm": 0}
 
 
 def hit(where: str) -> bool:
@@ -77,6 +78,9 @@ def poisoned(training_step, layer: str, steps: set[int], armed: bool = True):
     def step(self, batch, batch_idx):
         if hit("step"):
             die()
+        for name in ("sigint", "sigterm"):
+            if hit(name):
+                os.kill(os.getpid(), getattr(signal, name.upper()))
         while hooks:
             hooks.pop().remove()
         if armed and self.global_step in steps:

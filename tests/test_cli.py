@@ -189,3 +189,23 @@ def test_gate_configs_compose_with_every_task(task, gate, tmp_path):
                 "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.cache_dir", str(tmp_path)], run=False)  # fmt: skip
     gates = {type(layer.gate).__name__ for layer in cli.model.net.moe_layers()}
     assert gates == ({"dense": set(), "top1": {"Top1Gate"}, "top2": {"Top2Gate"}, "adaptive": {"AdaptiveGate"}}[gate])
+
+
+TASK_CONFIGS = ["quickstart.yaml", "multi30k.yaml", "task/causal_lm.yaml", "task/classification.yaml"]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("config", TASK_CONFIGS)
+def test_every_task_config_trains_under_every_precision(config, precision, tmp_path):
+    """A training step and a validation batch through train.py, gradient clipping and the fused
+    optimizer included, on a few hundred samples of the config's own kind of data."""
+    args = ["fit", "--config", ROOT / "configs" / config, "--config", ROOT / "configs" / "preset" / "debug.yaml"]
+    if config == "multi30k.yaml":
+        for split in ("train", "val", "test_2016_flickr"):
+            (tmp_path / f"{split}.de").write_text("".join(f"ein Hund {i} läuft\n" for i in range(40)))
+            (tmp_path / f"{split}.en").write_text("".join(f"a dog {i} runs\n" for i in range(40)))
+        args += ["--data.source.init_args.root", tmp_path, "--data.init_args.vocab_size", 200]
+    else:
+        args += ["--data.source.init_args.train_size", 300, "--data.source.init_args.val_size", 20]
+    args += ["--trainer.precision", precision, "--trainer.gradient_clip_val", 1.0, "--data.init_args.cache_dir", tmp_path / "cache"]
+    train(*args, "--trainer.logger.init_args.save_dir", tmp_path / "logs", cwd=tmp_path)

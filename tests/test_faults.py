@@ -248,3 +248,33 @@ def test_kill_at_random_moments_then_resume(tmp_path):
     assert last_step(ckpts) == end
     assert all((after or 0) >= (before or 0) for _, before, after in kills)  # never back to an older state
     print("\nkills (seconds after start, checkpoint step before, after):", kills)
+
+
+@pytest.mark.parametrize("name", ["sigint", "sigterm"])
+def test_signal_saves_the_step_and_resume_gives_the_same_losses(reference, tmp_path, name):
+    """Ctrl-C or a scheduler's SIGTERM in step 6: last.ckpt holds steps 0-5 and 6, the process
+    says how to resume, and the resumed run's losses are the uninterrupted run's."""
+    cfg = resumable_config(tmp_path, **{})
+    ckpts = tmp_path / "logs" / "tiny" / "checkpoints"
+    out = run("fit", "--config", cfg, cwd=tmp_path, fault=f"{name}:7")
+    assert out.returncode == 128 + getattr(signal, name.upper()), out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: stopped by {name.upper()} at step 7") and f"--ckpt_path {ckpts / 'last.ckpt'}" in line, line
+    assert last_step(ckpts) == 7
+    final = run("fit", "--config", cfg, "--ckpt_path", "last", cwd=tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    resumed = losses(tmp_path / "logs" / "tiny")
+    assert sorted(resumed) == sorted(reference)
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6, rel=0), f"step {step}"
+
+
+def test_sigterm_to_one_ddp_rank_saves_the_same_step_on_both(tmp_path):
+    cfg = resumable_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("save_last_every: 0:00:00", "save_last_every: null"))
+    out = run(*ddp("fit", "--config", cfg), cwd=tmp_path, fault="sigterm:5", FAULT_RANK="1")
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    # Rank 1 was signalled in its fifth step: both ranks stop after it, and the one file holds that step.
+    assert ckpt["global_step"] == 5
+    assert "stopped by" in out.stderr and "--ckpt_path" in out.stderr

@@ -14,7 +14,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from adamoe.errors import ConfigError
+from adamoe.errors import ConfigError, Interrupted
 
 
 def update_metrics_json(log_dir, entries: dict):
@@ -54,14 +54,14 @@ class Checkpoint(ModelCheckpoint):
     `save_last_every` (default 30 minutes) also writes `last.ckpt` during an epoch, so
     that a killed run loses at most that much training, however long its epochs. Ctrl-C
     (SIGINT) or a scheduler's SIGTERM writes `last.ckpt` at the end of the current step and
-    stops the run (`interrupted` then names the signal); a second Ctrl-C stops at once.
+    stops the run with `Interrupted`, which says how to resume; a second Ctrl-C stops at once.
     """
 
     def __init__(self, *args, save_last_every: datetime.timedelta | None = datetime.timedelta(minutes=30), **kwargs):
         super().__init__(*args, **kwargs)
         self.save_last_every = save_last_every
-        self.interrupted: str | None = None
         self._signal: int | None = None
+        self._stopped: Interrupted | None = None
         self._handlers: dict = {}
 
     def _fix_dirpath(self, trainer):
@@ -114,9 +114,6 @@ class Checkpoint(ModelCheckpoint):
             return
         # Every rank saves the same step: a signal that reached any rank stops them all.
         stop = trainer.strategy.reduce_boolean_decision(self._signal is not None, all=False)
-        if stop:
-            self.interrupted = signal.Signals(self._signal).name if self._signal else "a signal to another rank"
-            trainer.should_stop = True
         due = False
         if self.save_last and self.save_last_every is not None:
             # Saving is collective (every rank contributes state): rank 0's clock decides for all.
@@ -128,6 +125,24 @@ class Checkpoint(ModelCheckpoint):
             trainer.save_checkpoint(path, self.save_weights_only)
             self.last_model_path = path
             self._last_saved_at = time.monotonic()
+        if stop:
+            name = signal.Signals(self._signal).name if self._signal else "a signal to another rank"
+            self._stopped = Interrupted(
+                f"stopped by {name} at step {trainer.global_step}, saved {path}; "
+                f"resume with the same command and --ckpt_path {path}",
+                128 + (self._signal or signal.SIGTERM),
+            )
+
+    # Raised at the next hook, once this step's metrics are logged, rather than through
+    # `should_stop`, which would validate first: a scheduler's grace after SIGTERM is short.
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._stopped is not None:
+            raise self._stopped
+
+    def on_validation_start(self, trainer, pl_module):
+        super().on_validation_start(trainer, pl_module)
+        if self._stopped is not None:
+            raise self._stopped
 
     def on_validation_end(self, trainer, pl_module):
         super().on_validation_end(trainer, pl_module)

@@ -77,7 +77,7 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _mark_checked(folder: Path, paths: list[Path]):
-    _marker(folder).write_text(json.dumps({str(p): _stamp(p) for p in paths}))
+    _marker(folder).write_text(json.dumps({p.name: _stamp(p) for p in paths}))  # names: the folder is renamed into place
 
 
 def verified(folder: Path, tokenizer: Path, full: bool = False) -> bool:
@@ -114,7 +114,7 @@ def _problem(folder: Path, tokenizer: Path, full: bool) -> str | None:
             return f"{what}{path} is missing"
         if path.stat().st_size != want["size"]:
             return f"{what}{path} has {path.stat().st_size} bytes, the manifest says {want['size']}"
-        if (full or checked.get(str(path)) != _stamp(path)) and sha256(path) != want["sha256"]:
+        if (full or checked.get(path.name) != _stamp(path)) and sha256(path) != want["sha256"]:
             return f"{what}{path} does not match its checksum"
     _mark_checked(folder, list(expected))
     return None
