@@ -54,10 +54,10 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """Dense FFN with the MoE layer's call signature, so blocks treat both alike."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "relu"):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, d_ff)
-        self.fc2 = nn.Linear(d_ff, d_model)
+        self.fc1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.fc2 = nn.Linear(d_ff, d_model, bias=bias)
         self.activation = ACTIVATIONS[activation]
 
     def forward(self, x_BSD: Tensor, padding_mask_BS: Tensor | None = None) -> tuple[Tensor, None]:
@@ -119,6 +119,9 @@ class TransformerConfig:
     capacity_factor: float | None = None
     dropout: float = 0.1
     tie_embeddings: bool = True
+    # Experts have no biases; a dense model meant to be converted into MoE (`MoEModule`'s
+    # `convert_from`) is trained without FFN biases, so that copied experts equal its FFNs.
+    ffn_bias: bool = True
 
 
 class Transformer(nn.Module):
@@ -155,7 +158,7 @@ class Transformer(nn.Module):
                 self.moe_layer_names.append(f"{stack}.{i}")
                 self.moe_layer_sides.append("source" if stack == "enc" else "target")
                 return MoELayer(c.d_model, c.d_ff, c.num_experts, c.gate(c.d_model, c.num_experts), c.activation, c.capacity_factor)
-            return FeedForward(c.d_model, c.d_ff, c.activation)
+            return FeedForward(c.d_model, c.d_ff, c.activation, c.ffn_bias)
 
         self.encoder = nn.ModuleList(
             Block(c.d_model, c.n_heads, ffn("enc", i), c.dropout, cross=False) for i in range(c.num_encoder_layers)

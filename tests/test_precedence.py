@@ -84,7 +84,9 @@ def gates(cli) -> set[str]:
 def test_one_net_override_keeps_the_rest_of_the_saved_net(top2, tmp_path):
     tmp, cfg, ckpt = top2
     quiet = without_net_fields(tmp, cfg, "gate", "d_model", "d_ff")
-    cli = validate("--config", quiet, "--ckpt_path", ckpt, "--model.init_args.net.dropout", 0.0, "--trainer.logger.init_args.save_dir", tmp_path)
+    cli = validate(
+        "--config", quiet, "--ckpt_path", ckpt, "--model.init_args.net.dropout", 0.0, "--trainer.logger.init_args.save_dir", tmp_path
+    )
     assert gates(cli) == {"Top2Gate"} and cli.model.net.config.d_model == 16 and cli.model.net.config.dropout == 0.0
 
 
