@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 # Arguments that name a place on disk: only a config or the command line sets them.
-PATHS = ("predict_output",)
+PATHS = ("predict_output", "convert_from")
 # Packages whose classes a checkpoint may name without the config naming them too.
 TRUSTED = ("adamoe", "torch", "lightning")
 

@@ -180,7 +180,34 @@ def with_test_split(tmp, root: str) -> list[str]:
     return [*args, "--data.init_args.source.init_args.test", "test"]
 
 
+def dense_checkpoint(tmp, d_ff: int) -> str:
+    """A dense tiny translation model's checkpoint, as far as conversion reads one."""
+    import torch
+
+    from adamoe.transformer import Transformer, TransformerConfig
+
+    net = Transformer(TransformerConfig(d_model=32, n_heads=2, d_ff=d_ff, num_encoder_layers=2, num_decoder_layers=2, moe_every=0), 300)
+    path = tmp / "dense.ckpt"
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"_class_path": "adamoe.TranslationModule"}}, path)
+    return str(path)
+
+
+def convert(tmp, source) -> list[str]:
+    return fit(tmp, "--model.init_args.convert_from", source, "--model.init_args.net.moe_every", 1)
+
+
 CASES |= {
+    "convert from a missing file": (lambda t, c: convert(t, t / "nowhere.ckpt"), "nowhere.ckpt: no such checkpoint file"),
+    "convert from an MoE checkpoint": (lambda t, c: convert(t, c), "is already an MoE model"),
+    "convert from another size": (
+        lambda t, c: convert(t, dense_checkpoint(t, d_ff=48)),
+        "dense.ckpt does not fit this model: encoder.0.ffn.fc1.weight: checkpoint (48, 32), model (64, 32)",
+    ),
+    "convert from another task": (
+        lambda t, c: classification(t, "--model.init_args.convert_from", c),
+        "was saved by adamoe.TranslationModule, for another task than ClassificationModule",
+    ),
     "BPE sample of 0 texts": (lambda t, c: fit(t, "--data.init_args.bpe_sample", 0), "bpe_sample must be a positive number"),
     "BPE sample too small for a vocabulary": (
         lambda t, c: fit(t, "--data.init_args.bpe_sample", 1),

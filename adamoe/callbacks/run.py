@@ -128,8 +128,7 @@ class Checkpoint(ModelCheckpoint):
         if stop:
             name = signal.Signals(self._signal).name if self._signal else "a signal to another rank"
             self._stopped = Interrupted(
-                f"stopped by {name} at step {trainer.global_step}, saved {path}; "
-                f"resume with the same command and --ckpt_path {path}",
+                f"stopped by {name} at step {trainer.global_step}, saved {path}; resume with the same command and --ckpt_path {path}",
                 128 + (self._signal or signal.SIGTERM),
             )
 
@@ -190,6 +189,8 @@ class MetricsSummary(Callback):
             "wall_time_s": time.perf_counter() - self.start,
             "global_step": trainer.global_step,
         }
+        if getattr(pl_module, "hparams", {}).get("convert_from"):
+            summary["converted_from"] = str(pl_module.hparams.convert_from)
         update_metrics_json(log_dir, summary)
         ckpt = trainer.checkpoint_callback
         where = [f"Run logs:    {log_dir}  (metrics.json, config.yaml, TensorBoard events)"]

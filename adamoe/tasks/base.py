@@ -8,9 +8,11 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
+from adamoe.convert import ExpertInit, convert
 from adamoe.data.batch import Batch
 from adamoe.errors import CheckpointError, ConfigError
 from adamoe.gates import Routing
@@ -49,7 +51,9 @@ class MoEModule(LightningModule):
     `net` is a `TransformerConfig`, built here with the data's vocabulary, or any ready
     `nn.Module` with the `Transformer` interface. `inference_gate` routes validation,
     test and predict with another rule over the trained routers. `expert_parallel` spreads
-    the experts over the DDP ranks (`adamoe.parallel`).
+    the experts over the DDP ranks (`adamoe.parallel`). `convert_from` starts a new run
+    from a dense checkpoint of the same task: every shared weight copied, every MoE layer's
+    experts filled as `convert_experts` says (`adamoe.convert`).
     """
 
     def __init__(
@@ -64,6 +68,9 @@ class MoEModule(LightningModule):
         lr_scheduler: LRSchedulerCallable = WarmupInverseSqrt,
         predict_output: str = "predictions.txt",
         expert_parallel: bool = False,
+        convert_from: str | None = None,
+        convert_experts: ExpertInit = "random",
+        convert_noise: float = 0.0,
     ):
         super().__init__()
         # Under LightningCLI this stores the config (gates and optimizer as class paths), so
@@ -186,6 +193,26 @@ class MoEModule(LightningModule):
     def on_predict_start(self):
         if Path(self.hparams.predict_output).is_dir():
             raise ConfigError(f"predict_output {self.hparams.predict_output} is a folder; give a file name")
+
+    def setup(self, stage: str):
+        # A resumed run's own checkpoint is loaded after this and replaces what it would copy.
+        if self.hparams.convert_from and not self.trainer.ckpt_path and not getattr(self, "_converted", False):
+            self._converted = True
+            path = Path(self.hparams.convert_from)
+            if not path.is_file():
+                raise CheckpointError(f"convert_from {path}: no such checkpoint file")
+            try:
+                ckpt = torch.load(path, weights_only=True, map_location="cpu")
+                saved_class, state = ckpt.get("hyper_parameters", {}).get("_class_path"), ckpt["state_dict"]
+            except Exception as e:  # a truncated, foreign or malicious file
+                raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            if saved_class and saved_class.rsplit(".", 1)[-1] != type(self).__qualname__:
+                raise CheckpointError(f"convert_from {path} was saved by {saved_class}, for another task than {type(self).__qualname__}")
+            prefix = "net."
+            dense = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            for notice in convert(self.net, dense, self.hparams.convert_experts, self.hparams.convert_noise, str(path)):
+                rank_zero_info(notice)
+            rank_zero_info(f"Converted {path} into this MoE model ({self.hparams.convert_experts} experts)")
 
     def configure_model(self):
         if self.hparams.expert_parallel and dist.is_available() and dist.is_initialized() and expert_group(self) is None:
