@@ -33,9 +33,8 @@ def convert(
         raise CheckpointError(f"experts must be 'random' or 'copy', got {experts!r}")
     if any(".experts." in k or ".gate.router." in k for k in dense):
         raise CheckpointError(f"{source} is already an MoE model: convert a dense one (net.moe_every: 0)")
+    # A dense target is a new run from the same weights: every weight is copied.
     moe = {name for name, m in net.named_modules() if isinstance(m, MoELayer)}
-    if not moe:
-        raise CheckpointError("the model has no MoE layer to convert into: set net.moe_every above 0")
     ours = net.state_dict()
     in_moe = {k for k in ours if any(k.startswith(f"{m}.") for m in moe)}
     wanted = {k: tuple(v.shape) for k, v in ours.items() if k not in in_moe}

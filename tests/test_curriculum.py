@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_config, train
@@ -129,11 +130,11 @@ def test_resuming_mid_epoch_continues_the_same_order():
 
 def test_resume_mid_epoch_through_train_py_counts_every_sample_once_as_a_recount_does(tmp_path):
     """Stopped mid-epoch and resumed, the epoch's recorded two-expert and token counts per
-    sample and MoE layer equal a recount by forward passes over the same batches (lr 0 and
+    sample and MoE layer equal a recount by forward passes over the same batches (lr 1e-30, too small to change a weight, and
     no dropout keep the weights and routing of every step those of the checkpoint)."""
     cfg = tiny_config(tmp_path)
     common = ["--config", cfg, "--data.curriculum", "paper", "--trainer.max_epochs", 1, "--trainer.max_steps", -1,
-              "--model.optimizer.lr", 0.0, "--model.net.dropout", 0.0]  # fmt: skip
+              "--model.optimizer.lr", 1e-30, "--model.net.dropout", 0.0]  # fmt: skip
     train("fit", *common, "--trainer.max_steps", 3, cwd=tmp_path)  # stops mid-epoch, after a checkpoint at step 3
     ckpt = tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)["TranslationData"]["train_sampler"]
@@ -187,3 +188,11 @@ def test_validation_follows_each_epoch_whatever_its_number_of_batches(tmp_path):
     assert len(set(b - a for a, b in zip([0] + ends, ends))) > 1  # the epochs really differ in length
     # Lightning logs epoch-end validation at the last training batch's step, counted from 0.
     assert [s + 1 for s, _ in scalars(tmp_path / "logs" / "tiny" / "version_0")["val/loss"]] == ends
+
+
+def test_shuffled_batches_are_the_same_batches_in_another_order():
+    lengths = np.random.default_rng(0).integers(3, 40, 500)
+    plain = ShardedBatchSampler(lengths, max_tokens=200, order="random", seed=1, pool=64)
+    shuffled = ShardedBatchSampler(lengths, max_tokens=200, order="random", seed=1, pool=64, shuffle_batches=True)
+    a, b = [tuple(x) for x in plain], [tuple(x) for x in shuffled]
+    assert sorted(a) == sorted(b) and a != b

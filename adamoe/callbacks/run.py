@@ -104,6 +104,7 @@ class Checkpoint(ModelCheckpoint):
         signal.signal(signum, self._handlers.get(signum, signal.SIG_DFL))  # a second one is not caught
 
     def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
         self._handlers = {}

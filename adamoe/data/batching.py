@@ -9,6 +9,8 @@ Orders:
   With `pool` > 0, the curriculum order is cut into consecutive pools of `pool` samples
   and each pool is sorted by length before packing: batches keep their place in the
   curriculum, but stop mixing lengths, which under a token budget costs padding and steps.
+  With `shuffle_batches`, the batches of `random`, `paper` and `reverse` are shuffled
+  after packing: the same batches, without their order (a control for the curriculum).
 Every order changes with the epoch, from the seed; `sorted` never changes.
 
 Batches are global: with W ranks, global batch i holds consecutive samples of the order
@@ -151,6 +153,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         pool: int = 0,
+        shuffle_batches: bool = False,
     ):
         if not max_tokens and not batch_size:
             raise ConfigError("set max_tokens or batch_size")
@@ -161,6 +164,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.lengths = np.asarray(lengths, dtype=np.int32)
         self.max_tokens, self.batch_size, self.order = max_tokens, batch_size, order
         self.seed, self.num_replicas, self.rank, self.pool = seed, num_replicas, rank, pool
+        self.shuffle_batches = shuffle_batches
         self.epoch, self.consumed = 0, 0
         # Per sample and MoE layer: two-expert and all tokens, from the last full epoch
         # (orders this one) and from this epoch so far. Allocated at the first record.
@@ -194,7 +198,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
             order = curriculum_order(self.two_NL, self.tokens_NL, g, reverse=self.order == "reverse")
         if self.pool:
             order = order[np.lexsort((lengths[order], np.arange(n) // self.pool))]  # by length within each pool
-        return pack(order, lengths, self.max_tokens, self.batch_size, W)
+        plan = pack(order, lengths, self.max_tokens, self.batch_size, W)
+        return plan.reorder(torch.randperm(len(plan), generator=g).numpy()) if self.shuffle_batches else plan
 
     def __iter__(self):
         plan = self.global_batches()

@@ -51,6 +51,7 @@ class TextData(LightningDataModule):
         too_long: Literal["error", "filter", "truncate"] = "error",
         curriculum: Literal["none", "random", "paper", "reverse"] = "none",
         curriculum_pool: int = 0,
+        shuffle_batches: bool = False,
         bpe_sample: int | None = 2_000_000,
         predict_split: Literal["train", "val", "test"] = "test",
         cache_dir: str = "data",
@@ -72,7 +73,7 @@ class TextData(LightningDataModule):
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.max_len = {side: {"src": max_source_len, "tgt": max_target_len}[side] for side in self.COLUMNS.values()}
         self.too_long = too_long
-        self.curriculum, self.curriculum_pool = curriculum, curriculum_pool
+        self.curriculum, self.curriculum_pool, self.shuffle_batches = curriculum, curriculum_pool, shuffle_batches
         self.bpe_sample = bpe_sample
         self.predict_split = predict_split
         self.cache_dir = Path(cache_dir)
@@ -240,7 +241,8 @@ class TextData(LightningDataModule):
         ds = self.splits[split]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         lengths = np.maximum.reduce([ds.lengths[side] for side in self.COLUMNS.values()])
-        return ShardedBatchSampler(lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank, pool)
+        shuffle = self.shuffle_batches and split == "train"
+        return ShardedBatchSampler(lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank, pool, shuffle)
 
     def _loader(self, split: str, sampler: ShardedBatchSampler) -> DataLoader:
         ds = self.splits[split]
