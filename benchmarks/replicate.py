@@ -95,15 +95,16 @@ def jobs(args) -> list[tuple[str, int]]:
     return sorted(todo, key=lambda job: (PLANS[job[0]][2] == 1, job[1]))
 
 
-def run(name: str, seed: int, args) -> dict:
-    gate_configs, extra, _ = PLANS[name]
+def run(name: str, seed: int, args, plan: tuple[list[str], list[str]] | None = None, base: list[str] = BASE) -> dict:
+    """Train and test one run; `plan` (gate configs, arguments) defaults to this protocol's."""
+    gate_configs, extra = plan or PLANS[name][:2]
     tag = f"{name}-s{seed}"
     run_dir = args.logs / args.mode / tag
-    common = [*sum((["--config", c] for c in BASE + gate_configs), []), "--data.source.init_args.root", str(args.data), *extra]
+    common = [*sum((["--config", c] for c in base + gate_configs), []), "--data.source.init_args.root", str(args.data), *extra]
     common += ["--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(args.logs)]
     common += ["--trainer.logger.init_args.name", f"{args.mode}/{tag}", "--trainer.enable_progress_bar", "false", *args.train_args]
     last = run_dir / "checkpoints" / "last.ckpt"
-    steps, minutes = ("-1", f"00:00:{LONG_MINUTES}:00") if name in LONG else (str(args.steps), "null")
+    steps, minutes = ("-1", f"00:00:{LONG_MINUTES}:00") if name in LONG and plan is None else (str(args.steps), "null")
     fit = ["fit", *common, "--trainer.logger.init_args.version", "fit", "--trainer.max_steps", steps, "--trainer.max_time", minutes]
     if last.exists():
         fit += ["--ckpt_path", str(last)]
@@ -181,7 +182,9 @@ def report(runs: dict[str, list[dict]], args) -> str:
     top2 = [value_at(r["curve"], args.budget) for r in runs.get("top2", [])]
     top2 = [v for v in top2 if v is not None]
     target = statistics.mean(top2) if top2 else None
-    base = statistics.mean(steps_to(r["curve"], target) for r in runs["top2"]) if target is not None else None
+    reached = [steps_to(r["curve"], target) for r in runs["top2"]] if target is not None else []
+    # A top-2 seed that missed its own mean target would make every ratio meaningless: none then.
+    base = statistics.mean(reached) if reached and None not in reached else None
     step_file = step_time_file(args.store)
     step_record = json.loads(step_file.read_text()) if step_file.exists() else {}
     step_time = step_record.get("schemes", {})
@@ -248,10 +251,14 @@ def report(runs: dict[str, list[dict]], args) -> str:
         out += [row("adaptive", "adaptive, paper order"), row("adaptive-no-curriculum", "adaptive, no curriculum")]
 
         def ep_per_token(r):
+            # Paired by epoch, not by position: a resumed run's metrics.json lists only the
+            # epochs since its resume, while its curves hold every epoch once (by step).
+            cost = dict(enumerate(p["value"] for p in {p["step"]: p for p in r["ep_cost"]}.values()))
+            tokens = {e["epoch"]: e["tokens"] for e in r["epochs"]}
             # The full epochs after the first: the first has no routing to order by yet, and
             # the step budget cuts the last one short.
-            cost, tokens = [p["value"] for p in r["ep_cost"]][1:-1], [e["tokens"] for e in r["epochs"]][1:-1]
-            return sum(cost) / sum(tokens) if cost else None
+            full = [e for e in sorted(cost.keys() & tokens.keys()) if 0 < e < max(cost)]
+            return sum(cost[e] for e in full) / sum(tokens[e] for e in full) if full else None
 
         costs = {n: spread([ep_per_token(r) for r in runs[n]], ".4f") for n in ("adaptive", "adaptive-no-curriculum")}
         out.append(
