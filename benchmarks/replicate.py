@@ -374,16 +374,24 @@ def main():
     p.add_argument("--quick", action="store_true", help="top-2, adaptive and top-1, one seed, a few steps")
     p.add_argument("--steps", type=int, help="training steps of every run (default 900, quick 150)")
     p.add_argument("--budget", type=int, help="the step at which top-2's mean val/loss sets the target (default 650, quick 100)")
-    p.add_argument("--only", nargs="+", choices=list(PLANS), help="a subset of the schemes")
+    p.add_argument("--only", nargs="+", help="a subset of the schemes (arms with --protocol paper)")
     p.add_argument("--seeds", nargs="+", type=int, help="these seeds for every scheme (default: each scheme's own count)")
     p.add_argument("--logs", type=Path, default=ROOT / "logs" / "replicate", help="logs and checkpoints; resumes from here")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "replication")
     p.add_argument("--report", type=Path, help="default benchmarks/RESULTS.md, or RESULTS-quick.md with --quick")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the run summaries, train nothing")
+    p.add_argument(
+        "--protocol", choices=["second", "paper"], default="second",
+        help="second: trained from scratch (this file's plan); paper: dense model converted into MoE (paper_protocol.py)",
+    )  # fmt: skip
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
     args.train_args = argv[split + 1 :]
+    if args.protocol == "paper":
+        return paper(args)
+    if args.only and not set(args.only) <= set(PLANS):
+        p.error(f"--only takes schemes of {sorted(PLANS)}")
     args.mode = "quick" if args.quick else "full"
     args.steps = args.steps or (150 if args.quick else 900)
     args.budget = args.budget or (100 if args.quick else 650)
@@ -417,6 +425,21 @@ def main():
         kept = args.report.read_text().partition("\n## Discussion")[2] if args.report.exists() else ""
         args.report.write_text(report(runs, args) + ("\n## Discussion" + kept if kept else ""))
         print(args.report.read_text())
+
+
+def paper(args):
+    import paper_protocol
+
+    args.mode, args.steps = "paper", args.steps or paper_protocol.STEPS
+    args.store, args.report = args.out / "runs-paper", args.report or ROOT / "benchmarks" / "RESULTS-paper.md"
+    if args.only and not set(args.only) <= set(paper_protocol.ARMS):
+        sys.exit(f"--only with --protocol paper takes arms of {sorted(paper_protocol.ARMS)}")
+    if not args.report_only:
+        args.data, args.logs = args.data.resolve(), args.logs.resolve()
+        paper_protocol.train(args)
+    runs = paper_protocol.load(args.store)
+    args.report.write_text(paper_protocol.report(runs, args.store))
+    print(args.report.read_text())
 
 
 if __name__ == "__main__":

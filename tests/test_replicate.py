@@ -108,3 +108,22 @@ def test_curriculum_cost_pairs_epochs_of_a_resumed_run(tmp_path):
     )
     text = replicate.report(runs, args)
     assert "paper order 5.0000 (1 seed), no curriculum 2.5000 (1 seed)" in text  # (60 + 40) / 20 and / 40
+
+
+def test_paper_protocol_plan_and_report(tmp_path):
+    import paper_protocol
+
+    plan = paper_protocol.jobs(None, None)
+    assert plan[:5] == [("top2", 0), ("adaptive-no-curriculum", 0), ("dense", 0), ("top1", 0), ("adaptive", 0)]
+    assert len(plan) == 5 * 3 + 7 and plan[-1] == ("adaptive-copy", 0)
+    # Top-2 seeds at 3.0 and 3.2 at step 150 (target 3.1, reached at steps 145 and 155); the
+    # adaptive arm reaches it at step 180: 1.20x. Step 250's target (2.1) it never reaches.
+    curve = lambda values: [{"step": 50 * (i + 1), "value": v} for i, v in enumerate(values)]  # noqa: E731
+    top2 = [
+        {"name": "top2", "seed": s, "curve": curve(v), "test_bleu": 30.0, "two_expert_share": 1.0, "steps": 600, "machine": {"cpu": "x"},
+         "date": "2026-12-02"} for s, v in ((0, [5.0, 4.0, 3.0, 2.0, 1.9]), (1, [5.2, 4.2, 3.2, 2.2, 2.1]))
+    ]  # fmt: skip
+    adaptive = dict(top2[0], name="adaptive-no-curriculum", curve=curve([5.0, 4.5, 3.4, 2.9, 2.5]), two_expert_share=0.2)
+    text = paper_protocol.report({"top2": top2, "adaptive-no-curriculum": [adaptive]}, tmp_path)
+    assert "| step 150 (3.100) | step 250 (2.000) |" in text  # the mean of 1.9 and 2.1
+    assert "| adaptive-no-curriculum | 1 | 1.20 (1 seed) | n/a, 1 not reached |" in text

@@ -1,0 +1,159 @@
+"""Replication, third protocol: the paper's own construction (Li et al. 2023, section 4).
+
+    python benchmarks/replicate.py --protocol paper --data ../shared/data/multi30k   # resumable, many hours
+    python benchmarks/replicate.py --protocol paper --report-only
+
+A dense model of `configs/preset/wide_experts.yaml`'s shape (d_model 128, FFN 1536, 3+3
+layers, FFNs without biases) is trained once on Multi30k De->En for `SOURCE_STEPS` steps.
+Every arm then starts from that one checkpoint, its FFNs turned into MoE layers of 16
+experts as wide as the FFN (`convert_from`, random experts unless the arm says `copy`),
+and trains `STEPS` steps as a new run. A seed sets both the new weights and the data
+order. Every arm packs its batches by one rule (the order cut into pools of 2,048 samples,
+each sorted by length), so that only the order differs between arms: `random`, the
+paper's curriculum, or the curriculum with its batches shuffled.
+
+Each finished run writes `benchmarks/replication/runs-paper/<name>-s<seed>.json` (as the
+second protocol's, plus the conversion source and the data seed); the report
+(`benchmarks/RESULTS-paper.md`) is built from those files alone.
+"""
+
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from replicate import ROOT, run, spread, steps_to, value_at
+
+BASE = ["configs/multi30k.yaml", "configs/preset/replicate.yaml", "configs/preset/wide_experts.yaml"]
+SOURCE_STEPS = 1200
+STEPS = 600
+# Targets: top-2's mean val/loss at these steps of the arms' runs, from the steep part to the end.
+TARGET_STEPS = (150, 250, 350, 450, 550)
+ADAPTIVE = ["configs/gate/adaptive.yaml"]
+RANDOM = ["--data.init_args.curriculum", "random"]
+PAPER = ["--data.init_args.curriculum", "paper"]
+COPY = ["--model.init_args.convert_experts", "copy", "--model.init_args.convert_noise", "0.01"]
+
+
+def threshold(t):
+    return ["--model.init_args.net.gate.init_args.threshold", str(t)]
+
+
+# name -> (gate configs, arguments, seeds)
+ARMS = {
+    "top2": (["configs/gate/top2.yaml"], RANDOM, 3),
+    "adaptive-no-curriculum": (ADAPTIVE, RANDOM, 3),
+    "dense": (["configs/gate/dense.yaml"], RANDOM, 3),
+    "top1": (["configs/gate/top1.yaml"], RANDOM, 3),
+    "adaptive": (ADAPTIVE, PAPER, 3),
+    "adaptive-shuffled": (ADAPTIVE, [*PAPER, "--data.init_args.shuffle_batches", "true"], 1),
+    "adaptive-T0.05": (ADAPTIVE, [*RANDOM, *threshold(0.05)], 1),
+    "adaptive-T0.2": (ADAPTIVE, [*RANDOM, *threshold(0.2)], 1),
+    "adaptive-T0.3": (ADAPTIVE, [*RANDOM, *threshold(0.3)], 1),
+    "adaptive-T0.4": (ADAPTIVE, [*RANDOM, *threshold(0.4)], 1),
+    "top2-copy": (["configs/gate/top2.yaml"], [*RANDOM, *COPY], 1),
+    "adaptive-copy": (ADAPTIVE, [*RANDOM, *COPY], 1),
+}
+
+
+def jobs(only: list[str] | None, seeds: list[int] | None) -> list[tuple[str, int]]:
+    """Seed by seed over the arms with several seeds, then the single-seed arms."""
+    names = only or list(ARMS)
+    chosen = seeds if seeds is not None else range(max(ARMS[n][2] for n in names))
+    todo = [(n, s) for s in chosen for n in names if seeds is not None or s < ARMS[n][2]]
+    return sorted(todo, key=lambda job: (ARMS[job[0]][2] == 1, job[1]))
+
+
+def source(args) -> Path:
+    """The dense model every arm starts from: trained once, resumable, summarized."""
+    folder = args.logs / "paper" / "dense-source"
+    last = folder / "checkpoints" / "last.ckpt"
+    summary = args.store / "dense-source.json"
+    if summary.exists():
+        return last
+    configs = sum((["--config", c] for c in [*BASE, "configs/gate/dense.yaml"]), [])
+    fit = ["fit", *configs, "--data.source.init_args.root", str(args.data), "--seed_everything", "0"]
+    fit += ["--trainer.max_steps", str(SOURCE_STEPS), "--trainer.logger.init_args.save_dir", str(args.logs)]
+    fit += ["--trainer.logger.init_args.name", "paper/dense-source", "--trainer.logger.init_args.version", "fit"]
+    fit += ["--trainer.enable_progress_bar", "false", *(["--ckpt_path", str(last)] if last.exists() else [])]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "fit.log", "a") as log:
+        subprocess.run([sys.executable, "train.py", *fit], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+    from curriculum import series
+
+    curve = [{"step": s, "value": v} for s, v in series(folder / "fit")["val/loss"]]
+    args.store.mkdir(parents=True, exist_ok=True)
+    summary.write_text(
+        json.dumps({"steps": SOURCE_STEPS, "curve": curve, "checkpoint": str(last), "sha256": sha256(last), "command": fit}, indent=1)
+    )
+    return last
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train(args):
+    checkpoint = source(args)
+    for name, seed in jobs(args.only, args.seeds):
+        summary = args.store / f"{name}-s{seed}.json"
+        if summary.exists():
+            print(f"{summary.name}: done earlier, kept", flush=True)
+            continue
+        gates, extra, _ = ARMS[name]
+        seeded = [*extra, "--data.init_args.seed", str(seed), "--model.init_args.convert_from", str(checkpoint)]
+        r = run(name, seed, args, (gates, seeded), BASE)
+        r |= {"source": {"checkpoint": str(checkpoint), "sha256": sha256(checkpoint)}, "data_seed": seed, "protocol": "paper"}
+        summary.write_text(json.dumps(r, indent=1) + "\n")
+        print(f"{summary.name}: {r['steps']} steps, test BLEU {r['test_bleu']:.2f}", flush=True)
+
+
+def load(store: Path) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(store.glob("*-s*.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault(r["name"], []).append(r)
+    return {n: runs[n] for n in ARMS if n in runs}
+
+
+def report(runs: dict[str, list[dict]], store: Path) -> str:
+    """Steps to each target relative to top-2, test BLEU and routing, per arm; mean [min-max] over seeds."""
+    out = [
+        "# Replication on Multi30k De→En, the paper's protocol (dense model converted into MoE)",
+        "",
+        f"Built by `python benchmarks/replicate.py --protocol paper --report-only` from `{os.path.relpath(store, ROOT)}`. "
+        f"Every arm starts from one dense checkpoint trained {SOURCE_STEPS} steps and trains {STEPS} steps; "
+        "a seed sets the new weights and the data order. Targets are top-2's mean val/loss at the steps in the header; "
+        "cells give each arm's steps to reach it divided by top-2's mean steps.",
+    ]
+    top2 = runs.get("top2", [])
+    targets = {}
+    for step in TARGET_STEPS:
+        values = [value_at(r["curve"], step) for r in top2]
+        if top2 and None not in values:
+            targets[step] = statistics.mean(values)
+    if not targets:
+        return "\n".join(out + ["", "No top-2 run has finished yet."]) + "\n"
+    base = {s: [steps_to(r["curve"], t) for r in top2] for s, t in targets.items()}
+    head = " | ".join(f"step {s} ({t:.3f})" for s, t in targets.items())
+    out += ["", f"| arm | seeds | {head} | test BLEU | experts per token (two-expert share) |", "|---" * (len(targets) + 4) + "|"]
+    for name, rs in runs.items():
+        cells = []
+        for s, t in targets.items():
+            mean_base = statistics.mean(base[s]) if None not in base[s] else None
+            reached = [steps_to(r["curve"], t) for r in rs]
+            ratios = [x / mean_base for x in reached if x is not None] if mean_base else []
+            missed = len(reached) - len([x for x in reached if x is not None])
+            cells.append(spread(ratios) + (f", {missed} not reached" if missed else ""))
+        share = spread([100 * r["two_expert_share"] for r in rs if r.get("two_expert_share") is not None], ".1f")
+        out.append(f"| {name} | {len(rs)} | {' | '.join(cells)} | {spread([r['test_bleu'] for r in rs])} | {share} |")
+    out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU |", "|---|---|---|---|---|"]
+    out += [
+        f"| {n} s{r['seed']} | {r['machine']['cpu']} | {r['date'][:10]} | {r['steps']} | {r['test_bleu']:.2f} |"
+        for n, rs in runs.items()
+        for r in rs
+    ]
+    return "\n".join(out) + "\n"
