@@ -34,7 +34,7 @@ def convert(
     if any(".experts." in k or ".gate.router." in k for k in dense):
         raise CheckpointError(f"{source} is already an MoE model: convert a dense one (net.moe_every: 0)")
     # A dense target is a new run from the same weights: every weight is copied.
-    moe = {name for name, m in net.named_modules() if isinstance(m, MoELayer)}
+    moe = [name for name, m in net.named_modules() if isinstance(m, MoELayer)]
     ours = net.state_dict()
     in_moe = {k for k in ours if any(k.startswith(f"{m}.") for m in moe)}
     wanted = {k: tuple(v.shape) for k, v in ours.items() if k not in in_moe}
@@ -54,7 +54,7 @@ def convert(
             if k not in in_moe:
                 v.copy_(dense[k])
         notices = []
-        for m in sorted(moe):
+        for m in moe:
             layer = net.get_submodule(m)
             if experts == "copy":
                 for w, fc in ((layer.experts.w0_EDF, "fc1"), (layer.experts.w1_EFD, "fc2")):

@@ -95,7 +95,7 @@ CASES = {
     "heads do not divide d_model": (lambda t, c: fit(t, "--model.init_args.net.n_heads", 5), "d_model 32 is not divisible by n_heads 5"),
     "adaptive gate with one expert": (lambda t, c: fit(t, "--model.init_args.net.num_experts", 1), "AdaptiveGate needs at least 2 experts"),
     "dropout of 1 or more": (lambda t, c: fit(t, "--model.init_args.net.dropout", 1.0), "dropout must be in [0, 1), got 1.0"),
-    "negative moe_every": (lambda t, c: fit(t, "--model.init_args.net.moe_every", -1), "moe_every must be >= 0, got -1"),
+    "negative moe_every": (lambda t, c: fit(t, "--model.init_args.net.moe_every", -1), "moe_every must be at least 0, got -1"),
     "curriculum without MoE layers": (
         lambda t, c: fit(t, "--data.init_args.curriculum", "paper", "--model.init_args.net.moe_every", 0),
         "no MoE layer",
@@ -202,7 +202,7 @@ CASES |= {
     "convert from an MoE checkpoint": (lambda t, c: convert(t, c), "is already an MoE model"),
     "convert from another size": (
         lambda t, c: convert(t, dense_checkpoint(t, d_ff=48)),
-        "dense.ckpt does not fit this model: encoder.0.ffn.fc1.weight: checkpoint (48, 32), model (64, 32)",
+        "dense.ckpt does not fit this model: encoder.0.ffn.fc1.weight: checkpoint (48, 32), model (64, 32); encoder.1.ffn.fc1",
     ),
     "convert from another task": (
         lambda t, c: classification(t, "--model.init_args.convert_from", c),

@@ -74,8 +74,8 @@ def test_dropped_biases_are_said():
     dense = Transformer(TransformerConfig(**base, moe_every=0), vocab_size=50)
     moe = Transformer(TransformerConfig(**base, moe_every=1, gate=gates.Top2Gate), vocab_size=50)
     assert convert(moe, dense.state_dict(), "copy") == [
-        "decoder.0.ffn: the dense FFN's biases are dropped (experts have none)",
         "encoder.0.ffn: the dense FFN's biases are dropped (experts have none)",
+        "decoder.0.ffn: the dense FFN's biases are dropped (experts have none)",
     ]
 
 

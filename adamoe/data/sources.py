@@ -3,7 +3,6 @@ names (`source`/`target` for translation, `text`/`label` for classification, `te
 language modelling), a chunk at a time, and checks its input on the way: no corpus is
 ever held whole in memory."""
 
-import gzip
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
@@ -16,10 +15,10 @@ import pyarrow.compute as pc
 from lightning.pytorch.utilities import rank_zero_info
 
 from adamoe.data import synthetic
+from adamoe.data.text import CHUNK_ROWS, blank, file_stamp, first_blank, line_chunks
 from adamoe.errors import DataError
 
 SPLITS = ("train", "val", "test")
-CHUNK_ROWS = 100_000  # rows a source hands over at a time: a few tens of MB of text
 
 
 def _pairs(sources: list[str], targets: list[str]) -> datasets.Dataset:
@@ -90,66 +89,6 @@ class SyntheticText(Generated):
         return datasets.Dataset.from_dict({"text": synthetic.generate(self.size(split), seed=self.split_seed(split))[0]})
 
 
-# Characters that show nothing: a line of only these is blank.
-ZERO_WIDTH = "[\u200b\u200c\u200d\u2060\ufeff]"
-
-
-def _file_stamp(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _decode(path: Path, lines: list[bytes], first: int) -> pa.Array:
-    """Lines (without their newline) as an Arrow string array, checked to be UTF-8."""
-    try:
-        text = pa.array(lines, pa.binary()).cast(pa.string())
-    except pa.ArrowInvalid:  # find the line to blame
-        for i, line in enumerate(lines):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{first + i}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        raise
-    return pc.utf8_rtrim(text, characters="\r")
-
-
-def _line_chunks(path: Path) -> Iterator[pa.Array]:
-    """A text file (optionally gzipped), CHUNK_ROWS lines at a time."""
-    rows = CHUNK_ROWS
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        lines, tail, first = [], b"", 1
-        while block := f.read(1 << 24):
-            if first == 1 and not lines and not tail:
-                block = block.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not text
-                if b"\r" in block and b"\n" not in block:
-                    raise DataError(f"{path}: lines end in a carriage return alone (old Mac line endings); convert them to \\n")
-            *done, tail = (tail + block).split(b"\n")
-            lines += done
-            while len(lines) >= rows:
-                yield _decode(path, lines[:rows], first)
-                lines, first = lines[rows:], first + rows
-        lines += [tail] if tail else []
-        if lines:
-            yield _decode(path, lines, first)
-        elif first == 1:
-            raise DataError(f"{path}: empty file")
-
-
-def blank(text: pa.Array) -> pa.Array:
-    """True where a text is empty once whitespace and zero-width characters are removed."""
-    visible = pc.replace_substring_regex(text, ZERO_WIDTH, "")
-    return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(visible)), 0)
-
-
-def _first_blank(text: pa.Array) -> int | None:
-    blank_ = blank(text).to_numpy(zero_copy_only=False)
-    where = np.flatnonzero(blank_)
-    return int(where[0]) if where.size else None
-
-
 class ParallelText(DataSource):
     """One sentence per line, one file per language: `{root}/{split}.{lang}`, optionally `.gz`.
 
@@ -168,7 +107,7 @@ class ParallelText(DataSource):
 
     def fingerprint(self):
         stamps = [
-            _file_stamp(self._path(s, lang))
+            file_stamp(self._path(s, lang))
             for s in SPLITS
             if self.prefixes[s]
             for lang in (self.src_lang, self.tgt_lang)
@@ -185,7 +124,7 @@ class ParallelText(DataSource):
         return f"{self._path(split, self.src_lang if column == 'source' else self.tgt_lang)}:{index + 1}"
 
     def _chunks(self, src_path: Path, tgt_path: Path):
-        src, tgt, done = _line_chunks(src_path), _line_chunks(tgt_path), 0
+        src, tgt, done = line_chunks(src_path), line_chunks(tgt_path), 0
         while True:
             a, b = next(src, None), next(tgt, None)
             if a is None or b is None or len(a) != len(b):
@@ -197,7 +136,7 @@ class ParallelText(DataSource):
                 }
                 raise DataError(f"parallel files differ in length: {src_path} has {n[src_path]} lines, {tgt_path} has {n[tgt_path]}")
             for path, text in ((src_path, a), (tgt_path, b)):
-                if (i := _first_blank(text)) is not None:
+                if (i := first_blank(text)) is not None:
                     raise DataError(f"{path}:{done + i + 1}: empty line (its pair is not empty, or both are)")
             done += len(a)
             yield pa.table({"source": a, "target": b})
@@ -211,14 +150,14 @@ class TextLines(DataSource):
         self.files = {"train": train, "val": val, "test": test}
 
     def fingerprint(self):
-        return super().fingerprint() + "|".join(_file_stamp(Path(f)) for f in self.files.values() if f and Path(f).exists())
+        return super().fingerprint() + "|".join(file_stamp(Path(f)) for f in self.files.values() if f and Path(f).exists())
 
     def chunks(self, split):
         return None if self.files[split] is None else self._chunks(Path(self.files[split]))
 
     def _chunks(self, path: Path):
         lines = kept = 0
-        for text in _line_chunks(path):
+        for text in line_chunks(path):
             real = pc.invert(blank(text))
             lines, kept = lines + len(text), kept + pc.sum(real).as_py()
             yield pa.table({"text": text.filter(real)})
@@ -278,7 +217,7 @@ class TableFiles(DataSource):
         self.format = format
 
     def fingerprint(self):
-        return super().fingerprint() + "|".join(_file_stamp(Path(f)) for f in self.files.values() if f and Path(f).exists())
+        return super().fingerprint() + "|".join(file_stamp(Path(f)) for f in self.files.values() if f and Path(f).exists())
 
     def chunks(self, split):
         path = self.files[split]
