@@ -223,3 +223,8 @@ def test_cache_is_rebuilt_when_anything_it_depends_on_changes(tmp_path, monkeypa
     changed.prepare_data()
     changed.setup("fit")
     assert changed.decode(changed.splits["train"]["tgt"][1]) == "z q"
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    src = parallel(tmp_path, de=b"\xef\xbb\xbfein Hund\nzwei\n", en="a dog\ntwo\n")
+    assert src.load("train")["source"] == ["ein Hund", "zwei"]
