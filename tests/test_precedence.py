@@ -109,7 +109,8 @@ def test_the_config_gate_wins_and_the_difference_is_said(top2, tmp_path, caplog)
     assert "net.gate.class_path: checkpoint 'adamoe.Top2Gate', in effect 'adamoe.AdaptiveGate'" in caplog.text
 
 
-def test_a_second_config_file_beats_the_checkpoint(top2, tmp_path):
+def test_a_second_config_file_beats_the_checkpoint(top2, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no logger: the run's config is written to the working folder
     tmp, cfg, ckpt = top2
     quiet = without_net_fields(tmp, cfg, "d_model", "d_ff")
     pred = tmp_path / "pred.yaml"
@@ -154,3 +155,24 @@ def test_a_checkpoint_cannot_import_a_package_the_run_does_not_use(top2, tmp_pat
     assert entry(["validate", "--config", quiet, "--ckpt_path", str(evil), "--trainer.logger.init_args.save_dir", str(tmp_path)]) == 2
     assert "antigravity" not in sys.modules  # refused before anything was imported
     assert "names antigravity.Gate, from a package this run does not use" in capsys.readouterr().err
+
+
+def test_paths_in_a_checkpoints_callback_state_are_not_deleted(top2, tmp_path):
+    """A resumed run deletes its worse top-k checkpoints: never a file the checkpoint names outside the run's folder."""
+    tmp, cfg, ckpt = top2
+    victim = tmp_path / "important.ckpt"
+    victim.write_text("keep me\n")
+    state = torch.load(ckpt, weights_only=True)
+    key = next(k for k in state["callbacks"] if k.startswith("Checkpoint"))
+    saved = state["callbacks"][key]
+    state["callbacks"][key] = saved | {
+        "best_k_models": {str(victim): torch.tensor(99.0)}, "kth_best_model_path": str(victim), "kth_value": torch.tensor(99.0),
+        "best_model_path": str(victim), "best_model_score": torch.tensor(99.0), "last_model_path": str(victim),
+    }  # fmt: skip
+    folder = tmp / "logs" / "tiny" / "checkpoints"
+    evil = folder / "evil.ckpt"
+    torch.save(state, evil)
+    train("fit", "--config", cfg, "--ckpt_path", evil, "--trainer.max_steps", 4, "--trainer.val_check_interval", 2,
+          "--model.init_args.net.gate.class_path", "adamoe.Top2Gate", "--model.init_args.net.d_model", 16,
+          "--model.init_args.net.d_ff", 48, "--trainer.logger.init_args.version", "resumed", cwd=tmp_path)  # fmt: skip
+    assert victim.read_text() == "keep me\n"
