@@ -133,23 +133,42 @@ def report(runs: dict[str, list[dict]], store: Path) -> str:
     targets = {}
     for step in TARGET_STEPS:
         values = [value_at(r["curve"], step) for r in top2]
-        if top2 and None not in values:
+        if top2 and None not in values and all(r["curve"][-1]["step"] >= step for r in top2):
             targets[step] = statistics.mean(values)
     if not targets:
         return "\n".join(out + ["", "No top-2 run has finished yet."]) + "\n"
     base = {s: [steps_to(r["curve"], t) for r in top2] for s, t in targets.items()}
+    paired_file = store.parent / "paired_step.json"
+    paired = json.loads(paired_file.read_text())["arms"] if paired_file.exists() else {}
     head = " | ".join(f"step {s} ({t:.3f})" for s, t in targets.items())
-    out += ["", f"| arm | seeds | {head} | test BLEU | experts per token (two-expert share) |", "|---" * (len(targets) + 4) + "|"]
+    out += [
+        "",
+        "Cells: steps to the target / top-2's mean steps; then, where the step time was measured, the normalized time "
+        "(steps ratio x paired step-time ratio) with its interval (the steps ratios' min-max times the step ratio's 90% interval).",
+        "",
+        f"| arm | seeds | paired step time vs top-2 | {head} | test BLEU | two-expert share |",
+        "|---" * (len(targets) + 5) + "|",
+    ]
+    normalized: dict[str, dict[int, tuple[float, float, float]]] = {}
     for name, rs in runs.items():
+        st = paired.get(name)
         cells = []
         for s, t in targets.items():
             mean_base = statistics.mean(base[s]) if None not in base[s] else None
             reached = [steps_to(r["curve"], t) for r in rs]
             ratios = [x / mean_base for x in reached if x is not None] if mean_base else []
-            missed = len(reached) - len([x for x in reached if x is not None])
-            cells.append(spread(ratios) + (f", {missed} not reached" if missed else ""))
+            missed = len(reached) - len(ratios) if mean_base else 0
+            cell = spread(ratios) + (f", {missed} not reached" if missed else "")
+            if st and ratios and not missed:
+                lo, hi = st["interval"]
+                n = (statistics.mean(ratios) * st["median"], min(ratios) * lo, max(ratios) * hi)
+                normalized.setdefault(name, {})[s] = n
+                cell += f"; **{n[0]:.2f}** [{n[1]:.2f}-{n[2]:.2f}]"
+            cells.append(cell)
+        step = f"{st['median']:.3f} [{st['interval'][0]:.3f}-{st['interval'][1]:.3f}]" if st else "not measured"
         share = spread([100 * r["two_expert_share"] for r in rs if r.get("two_expert_share") is not None], ".1f")
-        out.append(f"| {name} | {len(rs)} | {' | '.join(cells)} | {spread([r['test_bleu'] for r in rs])} | {share} |")
+        out.append(f"| {name} | {len(rs)} | {step} | {' | '.join(cells)} | {spread([r['test_bleu'] for r in rs])} | {share} |")
+    out += ["", "## The paper's claims", ""] + claims(runs, normalized)
     out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU |", "|---|---|---|---|---|"]
     out += [
         f"| {n} s{r['seed']} | {r['machine']['cpu']} | {r['date'][:10]} | {r['steps']} | {r['test_bleu']:.2f} |"
@@ -157,3 +176,32 @@ def report(runs: dict[str, list[dict]], store: Path) -> str:
         for r in rs
     ]
     return "\n".join(out) + "\n"
+
+
+def claims(runs: dict[str, list[dict]], normalized: dict[str, dict[int, tuple[float, float, float]]]) -> list[str]:
+    """Each claim: confirmed where the whole interval is on its side at every target, refuted
+    where it is on the other side at every target, else not decided."""
+
+    def verdict(name: str, limit: float) -> str:
+        n = normalized.get(name, {})
+        if not n or len(runs.get(name, [])) < 3:
+            return "not decided (fewer than 3 seeds measured)"
+        if all(hi <= limit for _, _, hi in n.values()):
+            return f"confirmed at every target (upper ends {max(hi for _, _, hi in n.values()):.2f})"
+        if all(lo > limit for _, lo, _ in n.values()):
+            return f"refuted at every target (lower ends from {min(lo for _, lo, _ in n.values()):.2f})"
+        held = [s for s, (_, _, hi) in n.items() if hi <= limit]
+        return f"not decided: holds at targets {held or 'none'} of {sorted(n)}"
+
+    def bleu_inside(name: str) -> str:
+        top2, other = [r["test_bleu"] for r in runs.get("top2", [])], [r["test_bleu"] for r in runs.get(name, [])]
+        if len(top2) < 3 or len(other) < 3:
+            return "not decided (fewer than 3 seeds)"
+        inside = min(top2) <= statistics.mean(other) <= max(top2)
+        return f"{'inside' if inside else 'outside'} top-2's [{min(top2):.2f}-{max(top2):.2f}] (mean {statistics.mean(other):.2f})"
+
+    return [
+        f"- Adaptive T=0.1 without the curriculum at most 0.85x top-2's normalized time: {verdict('adaptive-no-curriculum', 0.85)}.",
+        f"- ... with test BLEU inside top-2's min-max: {bleu_inside('adaptive-no-curriculum')}.",
+        f"- Adaptive with the paper's curriculum at most 0.85x top-2's: {verdict('adaptive', 0.85)}.",
+    ]

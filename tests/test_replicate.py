@@ -117,13 +117,40 @@ def test_paper_protocol_plan_and_report(tmp_path):
     assert plan[:5] == [("top2", 0), ("adaptive-no-curriculum", 0), ("dense", 0), ("top1", 0), ("adaptive", 0)]
     assert len(plan) == 5 * 3 + 7 and plan[-1] == ("adaptive-copy", 0)
     # Top-2 seeds at 3.0 and 3.2 at step 150 (target 3.1, reached at steps 145 and 155); the
-    # adaptive arm reaches it at step 180: 1.20x. Step 250's target (2.1) it never reaches.
+    # adaptive arm reaches it at step 180: 1.20x. The curves end at step 250: no later targets.
     curve = lambda values: [{"step": 50 * (i + 1), "value": v} for i, v in enumerate(values)]  # noqa: E731
     top2 = [
         {"name": "top2", "seed": s, "curve": curve(v), "test_bleu": 30.0, "two_expert_share": 1.0, "steps": 600, "machine": {"cpu": "x"},
          "date": "2026-12-02"} for s, v in ((0, [5.0, 4.0, 3.0, 2.0, 1.9]), (1, [5.2, 4.2, 3.2, 2.2, 2.1]))
     ]  # fmt: skip
     adaptive = dict(top2[0], name="adaptive-no-curriculum", curve=curve([5.0, 4.5, 3.4, 2.9, 2.5]), two_expert_share=0.2)
-    text = paper_protocol.report({"top2": top2, "adaptive-no-curriculum": [adaptive]}, tmp_path)
+    store = tmp_path / "runs-paper"
+    text = paper_protocol.report({"top2": top2, "adaptive-no-curriculum": [adaptive]}, store)
     assert "| step 150 (3.100) | step 250 (2.000) |" in text  # the mean of 1.9 and 2.1
-    assert "| adaptive-no-curriculum | 1 | 1.20 (1 seed) | n/a, 1 not reached |" in text
+    # Step 250's target: seed 1 of top-2 never reaches it, so no arm has a ratio there.
+    assert "| adaptive-no-curriculum | 1 | not measured | 1.20 (1 seed) | n/a | 30.00 (1 seed) | 20.0 (1 seed) |" in text
+    # With a paired step-time ratio of 0.8 [0.75-0.9]: 1.20 x 0.8 = 0.96, interval 1.20 x 0.75 to 1.20 x 0.9.
+    arms = {"adaptive-no-curriculum": {"median": 0.8, "interval": [0.75, 0.9]}, "top2": {"median": 1.0, "interval": [0.98, 1.02]}}
+    (tmp_path / "paired_step.json").write_text(json.dumps({"arms": arms}))
+    text = paper_protocol.report({"top2": top2, "adaptive-no-curriculum": [adaptive]}, store)
+    assert "| 0.800 [0.750-0.900] | 1.20 (1 seed); **0.96** [0.90-1.08] |" in text
+    assert "without the curriculum at most 0.85x top-2's normalized time: not decided (fewer than 3 seeds measured)" in text
+
+
+def test_paired_ratios_time_both_on_the_same_batches_from_fresh_states():
+    import paired_step
+
+    now, seen = [0.0], []
+    cost = {"arm": 2.0, "top2": 4.0}
+
+    def step(module, optimizer, batch):
+        seen.append((module, batch))
+        now[0] += cost[module] * (1 + batch)  # a longer batch costs both alike
+
+    fresh = []
+    ratios = paired_step.paired_ratios(
+        lambda: fresh.append("arm") or ("arm", None), lambda: ("top2", None), [0, 1, 2], 3, step, lambda: now[0]
+    )
+    assert ratios == [0.5, 0.5, 0.5] and len(fresh) == 3
+    assert [b for m, b in seen if m == "arm"] == [b for m, b in seen if m == "top2"] == [0, 1, 2] * 3
+    assert [m for m, _ in seen[:2]] == ["arm", "top2"] and [m for m, _ in seen[6:8]] == ["top2", "arm"]  # order alternates
