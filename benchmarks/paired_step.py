@@ -71,7 +71,7 @@ def main():
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    runs = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*-s*.json"))]
+    runs = [r for p in sorted(args.runs.glob("*-s*.json")) if "name" in (r := json.loads(p.read_text()))]
     top2 = {r["seed"]: Path(r["checkpoint"]) for r in runs if r["name"] == "top2" and Path(r["checkpoint"]).exists()}
     if not top2:
         ap.error(f"no top2 run with a checkpoint in {args.runs}")

@@ -115,7 +115,8 @@ def load(store: Path) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for path in sorted(store.glob("*-s*.json")):
         r = json.loads(path.read_text())
-        runs.setdefault(r["name"], []).append(r)
+        if "name" in r:  # not the dense source's summary
+            runs.setdefault(r["name"], []).append(r)
     return {n: runs[n] for n in ARMS if n in runs}
 
 
