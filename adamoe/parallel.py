@@ -2,12 +2,36 @@
 of every MoE layer, tokens travel to their experts and back by two differentiable
 all-to-all exchanges, and checkpoints always hold all E experts."""
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from adamoe.errors import CheckpointError
+
+
+class CollectiveClock:
+    """Seconds this process spends inside the expert all-to-all exchanges, while `on`. On a
+    CPU (gloo) an exchange returns once every rank has sent its part, so the time is the
+    wait for the slowest rank plus the transfer; on a GPU the device is synchronized around
+    each exchange to see the same, which costs time: it is off unless asked for."""
+
+    on = False
+    seconds = 0.0
+
+
+def _exchange(out: Tensor, x: Tensor, out_splits=None, in_splits=None, group=None):
+    if not CollectiveClock.on:
+        return dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    start = time.perf_counter()
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    CollectiveClock.seconds += time.perf_counter() - start
 
 
 class _AllToAll(torch.autograd.Function):
@@ -17,14 +41,14 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x_ND, out_splits, in_splits, group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x_ND.new_empty(sum(out_splits), *x_ND.shape[1:])
-        dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
+        _exchange(out, x_ND.contiguous(), out_splits, in_splits, group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        _exchange(back, grad.contiguous(), in_splits, out_splits, ctx.group)
         return back, None, None, None
 
 
@@ -43,7 +67,7 @@ def parallel_dispatch(experts, x_TD: Tensor, token_N: Tensor, weight_N: Tensor, 
     W, rank = dist.get_world_size(group), dist.get_rank(group)
     send_WE = load_E.view(W, -1)
     recv_WE = torch.empty_like(send_WE)
-    dist.all_to_all_single(recv_WE, send_WE, group=group)
+    _exchange(recv_WE, send_WE, group=group)
     send, recv = send_WE.sum(1).tolist(), recv_WE.sum(1).tolist()
     x_MD = all_to_all(x_TD.index_select(0, token_N), recv, send, group)
     # Rows of each local expert are spread over the source blocks: gather them per expert.

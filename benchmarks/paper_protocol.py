@@ -169,7 +169,7 @@ def report(runs: dict[str, list[dict]], store: Path) -> str:
         step = f"{st['median']:.3f} [{st['interval'][0]:.3f}-{st['interval'][1]:.3f}]" if st else "not measured"
         share = spread([100 * r["two_expert_share"] for r in rs if r.get("two_expert_share") is not None], ".1f")
         out.append(f"| {name} | {len(rs)} | {step} | {' | '.join(cells)} | {spread([r['test_bleu'] for r in rs])} | {share} |")
-    out += ["", "## The paper's claims", ""] + claims(runs, normalized)
+    out += ["", "## The paper's claims", ""] + claims(runs, normalized) + waits(store.parent / "curriculum_wait.json")
     out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU |", "|---|---|---|---|---|"]
     out += [
         f"| {n} s{r['seed']} | {r['machine']['cpu']} | {r['date'][:10]} | {r['steps']} | {r['test_bleu']:.2f} |"
@@ -206,3 +206,20 @@ def claims(runs: dict[str, list[dict]], normalized: dict[str, dict[int, tuple[fl
         f"- ... with test BLEU inside top-2's min-max: {bleu_inside('adaptive-no-curriculum')}.",
         f"- Adaptive with the paper's curriculum at most 0.85x top-2's: {verdict('adaptive', 0.85)}.",
     ]
+
+
+def waits(path: Path) -> list[str]:
+    """The curriculum's claim where it can show: the measured wait in the expert exchanges."""
+    if not path.exists():
+        return ["- The curriculum cuts the wait between ranks: not measured yet (`benchmarks/curriculum_wait.py`)."]
+    w = json.loads(path.read_text())
+    out = [
+        "",
+        f"Measured wait (`benchmarks/curriculum_wait.py`): {w['run']} s{w['seed']} from step {w['from_step']}, {w['steps']} steps "
+        f"per order, 2 processes with half the experts each, on {w['machine']['cpu']} ({w['date']}); medians over steps.",
+        "",
+        "| order | larger rank's wait in the exchanges (s) | step (s) | wait share of the step |",
+        "|---|---|---|---|",
+    ]
+    out += [f"| {o} | {v['wait_s_max']:.4f} | {v['step_s']:.3f} | {v['wait_share']:.1%} |" for o, v in w["orders"].items()]
+    return out

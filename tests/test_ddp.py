@@ -182,10 +182,18 @@ def test_expert_parallel_fit_checkpoint_validates_the_same_in_one_process(tmp_pa
         1e-30,  # below a weight's precision: the weights stay as they are (0 itself is refused)
         "--model.net.dropout",
         0.0,
+        "--trainer.callbacks+",
+        "adamoe.callbacks.CollectiveWait",
         cwd=tmp_path,
     )
     run = tmp_path / "logs" / "tiny" / "version_0"
     fit_loss = json.loads((run / "metrics.json").read_text())["final"]["val/loss"]
+    # Each rank's wait in the exchanges, per step: part of that step's time, never more.
+    logged = scalars(run)
+    waits = [dict(logged[f"parallel/wait_s/rank{r}"]) for r in (0, 1)]
+    assert sorted(waits[0]) == sorted(waits[1]) == list(range(6))
+    for step, most in logged["parallel/wait_s_max"]:
+        assert most == max(w[step] for w in waits) and 0 < most <= dict(logged["parallel/step_s"])[step]
     ckpt = tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)
     assert state["state_dict"]["net.encoder.1.ffn.experts.w0_EDF"].shape[0] == 4  # all experts, gathered

@@ -4,9 +4,9 @@ from adamoe.callbacks.faults import NonFiniteGuard, RandomState
 from adamoe.callbacks.memory import KeepFreedMemory, keep_freed_memory
 from adamoe.callbacks.run import AtomicCheckpointIO, Checkpoint, MetricsSummary
 from adamoe.callbacks.stats import ExpertStats
-from adamoe.callbacks.timing import EpochTimer
+from adamoe.callbacks.timing import CollectiveWait, EpochTimer
 
 __all__ = [
-    "AtomicCheckpointIO", "Checkpoint", "Curriculum", "EpochTimer", "ExpertStats", "KeepFreedMemory", "MetricsSummary",
+    "AtomicCheckpointIO", "Checkpoint", "CollectiveWait", "Curriculum", "EpochTimer", "ExpertStats", "KeepFreedMemory", "MetricsSummary",
     "NonFiniteGuard", "RandomState", "RoutingAnalysis", "keep_freed_memory",
 ]  # fmt: skip

@@ -124,3 +124,29 @@ class EpochTimer(Callback):
                     "curve": self.curve,
                 },
             )
+
+
+class CollectiveWait(Callback):
+    """Per training step, each rank's seconds inside the expert all-to-all exchanges
+    (`adamoe.parallel.CollectiveClock`: the wait for the slowest rank, plus the transfer) and
+    the step's time, gathered over the ranks: `parallel/wait_s/rank<r>`, `parallel/wait_s_max`,
+    `parallel/step_s`. What the paper's curriculum is meant to cut; expert parallelism only."""
+
+    def on_train_start(self, trainer, pl_module):
+        from adamoe.parallel import CollectiveClock
+
+        self.clock = CollectiveClock
+        self.clock.on = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.clock.seconds, self.started = 0.0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        mine = torch.tensor([self.clock.seconds, time.perf_counter() - self.started], dtype=torch.float64)
+        every = trainer.strategy.all_gather(mine).reshape(-1, 2)  # [ranks, (wait, step)]
+        logs = {f"parallel/wait_s/rank{r}": float(w) for r, w in enumerate(every[:, 0])}
+        logs |= {"parallel/wait_s_max": float(every[:, 0].max()), "parallel/step_s": float(every[:, 1].max())}
+        pl_module.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_train_end(self, trainer, pl_module):
+        self.clock.on = False
