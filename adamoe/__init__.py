@@ -13,13 +13,24 @@ Tensor names end in their shape, one letter a dimension, each letter with one me
     I  training steps                C  columns of a statistics row
 """
 
-from adamoe.gates import AdaptiveGate, Gate, Routing, Top1Gate, Top2Gate
+from adamoe.gates import AdaptiveGate, Gate, Routing, Top1Gate, Top2Gate, TopPGate
 from adamoe.moe import MoELayer
 from adamoe.transformer import Transformer, TransformerConfig
 
 LIGHTNING_MODULES = ("ClassificationModule", "LanguageModelModule", "MoEModule", "TranslationModule")
 
-__all__ = ["AdaptiveGate", "Gate", "MoELayer", "Routing", "Top1Gate", "Top2Gate", "Transformer", "TransformerConfig", *LIGHTNING_MODULES]
+__all__ = [
+    "AdaptiveGate",
+    "Gate",
+    "MoELayer",
+    "Routing",
+    "Top1Gate",
+    "Top2Gate",
+    "TopPGate",
+    "Transformer",
+    "TransformerConfig",
+    *LIGHTNING_MODULES,
+]
 
 
 def __getattr__(name):

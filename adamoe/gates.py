@@ -104,6 +104,7 @@ class Gate(nn.Module):
         aux_loss = self.aux_loss_coef * self.load_balancing_loss(probs_RE) if self.aux_loss_coef else probs_RE.new_zeros(())
         if self.z_loss_coef:
             aux_loss = aux_loss + self.z_loss_coef * torch.logsumexp(logits_RE, -1).square().mean()
+        aux_loss = aux_loss + self.extra_loss(probs_RE)
         with torch.no_grad():
             entropy = -(probs_RE * probs_RE.clamp_min(1e-20).log()).sum()
         return Routing(
@@ -116,6 +117,10 @@ class Gate(nn.Module):
             router_entropy=entropy,
             num_tokens=R,
         )
+
+    def extra_loss(self, probs_TE: Tensor) -> Tensor:
+        """A gate's own auxiliary loss, coefficient applied; added to `aux_loss`."""
+        return probs_TE.new_zeros(())
 
     def load_balancing_loss(self, probs_TE: Tensor) -> Tensor:
         """Eq. 4: E * sum_e f_e * p_e, with f_e the share of first choices on expert e.
@@ -207,3 +212,44 @@ class AdaptiveGate(Gate):
 
     def extra_repr(self):
         return f"threshold={self.threshold}, single_weight={self.single_weight!r}"
+
+
+class TopPGate(Gate):
+    """Top-p routing (Huang et al., 2024, "Harder Tasks Need More Experts"): per token, the
+    fewest experts, most probable first, whose probabilities sum to at least `p`; at most
+    `max_experts` of them when set. A token whose first expert alone reaches `p` gets one.
+
+    The weights are the router's own probabilities, not renormalized over the chosen
+    experts, as in the paper: a token that needs many experts spreads its output over them,
+    and a confident one keeps almost all of it on one. `dynamic_loss_coef` adds the paper's
+    dynamic loss, the mean entropy of the router's distribution, which pushes the router
+    to be sure and so to use fewer experts. Sums within 1e-6 of `p` count as reaching it,
+    so that a set that reaches `p` exactly in real numbers does in floating point too.
+    The number of assignments depends on the data: choosing them reads it on the host.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, *, p: float = 0.4, max_experts: int | None = None,
+                 dynamic_loss_coef: float = 0.0, **kwargs):  # fmt: skip
+        super().__init__(d_model, num_experts, **kwargs)
+        if not 0.0 < p <= 1.0:
+            raise ConfigError(f"TopPGate p must be in (0, 1], got {p}")
+        if max_experts is not None and not 1 <= max_experts <= num_experts:
+            raise ConfigError(f"TopPGate max_experts must be in [1, {num_experts}], got {max_experts}")
+        self.p, self.max_experts, self.dynamic_loss_coef = p, max_experts, dynamic_loss_coef
+
+    def assign(self, probs_TE):
+        sorted_TE, expert_TE = probs_TE.sort(-1, descending=True)
+        before_TE = sorted_TE.cumsum(-1) - sorted_TE  # what the experts ranked above each one sum to
+        keep_TE = before_TE < self.p - 1e-6
+        if self.max_experts is not None:
+            keep_TE[:, self.max_experts :] = False
+        rank_N, token_N = keep_TE.t().nonzero(as_tuple=True)  # every first choice, then every second, ...
+        return token_N, expert_TE[token_N, rank_N], sorted_TE[token_N, rank_N]
+
+    def extra_loss(self, probs_TE):
+        if not self.dynamic_loss_coef or probs_TE.shape[0] == 0:
+            return probs_TE.new_zeros(())
+        return self.dynamic_loss_coef * -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
+
+    def extra_repr(self):
+        return f"p={self.p}, max_experts={self.max_experts}, dynamic_loss_coef={self.dynamic_loss_coef}"

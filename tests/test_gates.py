@@ -147,3 +147,52 @@ def test_plain_model_code_loads_no_lightning():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("p", "max_experts", "want"),
+    [
+        # token 0 reaches 0.5 at its first expert; token 2's first expert is exactly 0.5 (a tie at p); token 1 needs both 0.45s.
+        (0.5, None, {0: {0: 0.6}, 1: {1: 0.45, 2: 0.45}, 2: {0: 0.5}}),
+        # Every token reaches 0.9 with two experts exactly: the third is not taken.
+        (0.9, None, {0: {0: 0.6, 1: 0.3}, 1: {1: 0.45, 2: 0.45}, 2: {0: 0.5, 2: 0.4}}),
+        (
+            1.0,
+            None,
+            {t: {e: round(p, 6) for e, p in enumerate(row)} for t, row in enumerate([(0.6, 0.3, 0.1), (0.1, 0.45, 0.45), (0.5, 0.1, 0.4)])},
+        ),
+        (1.0, 1, {0: {0: 0.6}, 1: {1: 0.45}, 2: {0: 0.5}}),  # capped: top-1 with the raw probability
+    ],
+)
+def test_top_p_takes_the_fewest_experts_that_reach_p(p, max_experts, want):
+    from adamoe.gates import TopPGate
+
+    gate, x = gate_with_logits(TopPGate, LOGITS, p=p, max_experts=max_experts, aux_loss_coef=0.0)
+    r = gate(x)
+    got = {}
+    for t, e, w in assignments(r):
+        got.setdefault(t, {})[e] = w
+    if max_experts == 1:  # token 1's two experts tie: either may be first
+        assert got[1] in ({1: 0.45}, {2: 0.45})
+        got[1] = want[1]
+    assert got == want
+    assert r.experts_per_token_T.tolist() == [len(want[t]) for t in range(3)]
+    assert r.token_index_N[:3].tolist() == [0, 1, 2]  # every first choice before any second one
+
+
+def test_top_p_dynamic_loss_is_the_mean_router_entropy():
+    from adamoe.gates import TopPGate
+
+    gate, x = gate_with_logits(TopPGate, LOGITS, p=0.5, aux_loss_coef=0.0, dynamic_loss_coef=0.1)
+    rows = [(0.6, 0.3, 0.1), (0.1, 0.45, 0.45), (0.5, 0.1, 0.4)]
+    entropy = sum(-sum(q * math.log(q) for q in row) for row in rows) / 3
+    assert gate(x).aux_loss.item() == pytest.approx(0.1 * entropy, rel=1e-5)
+
+
+@pytest.mark.parametrize(("p", "max_experts"), [(0.0, None), (1.5, None), (0.5, 0), (0.5, 4)])
+def test_top_p_rejects_bad_settings(p, max_experts):
+    from adamoe.errors import ConfigError
+    from adamoe.gates import TopPGate
+
+    with pytest.raises(ConfigError, match="TopPGate"):
+        TopPGate(4, 3, p=p, max_experts=max_experts)

@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
+from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate, TopPGate
 from adamoe.moe import MoELayer
 
-GATES = [Top1Gate, Top2Gate, lambda d, e: AdaptiveGate(d, e, threshold=0.2)]
+GATES = [Top1Gate, Top2Gate, lambda d, e: AdaptiveGate(d, e, threshold=0.2), lambda d, e: TopPGate(d, e, p=0.6)]
 
 
 def naive_moe(layer, x_TD, pad_T, rule):
@@ -31,6 +31,17 @@ def rule_for(gate):
         v = v / v.sum()
         return [(i[0], v[0]), (i[1], v[1])]
 
+    def top_p(p):
+        chosen, total = [], 0.0
+        for e in p.argsort(descending=True):
+            if total >= gate.p - 1e-6:
+                break
+            chosen.append((e, p[e]))
+            total += float(p[e])
+        return chosen
+
+    if isinstance(gate, TopPGate):
+        return top_p
     if isinstance(gate, Top1Gate):
         return lambda p: [(p.argmax(), p.max())]
     if isinstance(gate, Top2Gate):
@@ -39,7 +50,7 @@ def rule_for(gate):
 
 
 @pytest.mark.parametrize(
-    ("make_gate", "activation"), [*((g, "relu") for g in GATES), (Top2Gate, "gelu")], ids=["top1", "top2", "adaptive", "top2-gelu"]
+    ("make_gate", "activation"), [*((g, "relu") for g in GATES), (Top2Gate, "gelu")], ids=["top1", "top2", "adaptive", "top-p", "top2-gelu"]
 )
 def test_matches_naive_loop_with_padding_and_empty_experts(make_gate, activation):
     torch.manual_seed(0)
@@ -68,7 +79,7 @@ def test_matches_naive_loop_with_padding_and_empty_experts(make_gate, activation
     assert grads[2][4].abs().max() == 0  # the empty expert gets an exact zero gradient
 
 
-@pytest.mark.parametrize("make_gate", GATES, ids=["top1", "top2", "adaptive"])
+@pytest.mark.parametrize("make_gate", GATES, ids=["top1", "top2", "adaptive", "top-p"])
 def test_permuting_tokens_permutes_outputs(make_gate):
     torch.manual_seed(1)
     layer = MoELayer(8, 16, 4, make_gate(8, 4)).double()
