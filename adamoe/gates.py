@@ -253,3 +253,45 @@ class TopPGate(Gate):
 
     def extra_repr(self):
         return f"p={self.p}, max_experts={self.max_experts}, dynamic_loss_coef={self.dynamic_loss_coef}"
+
+
+class NullExpertGate(Gate):
+    """Null experts (Zeng et al., 2024, "AdaMoE"): the router scores the E real experts and
+    `num_null` null experts, which compute nothing; each token takes its top `k` of all
+    E + num_null, with the k probabilities renormalized to sum to 1, and is sent only to
+    the real ones among them. A token that picks nulls goes to fewer real experts, and its
+    output is that much smaller; a token whose k picks are all null gets no expert at all,
+    and the MoE layer's output for it is zero: the block's residual path alone carries it.
+    Null picks are never dispatched, so they cost no FLOPs and no all-to-all bytes.
+
+    The load-balancing loss runs over all k picks of the E + num_null experts, with the null
+    experts counted as one pool (their loads and probabilities averaged): which null a token
+    picks does not matter, only how often it picks one, and the loss holds that near
+    num_null / (E + num_null) of the picks.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, *, k: int = 2, num_null: int = 4, **kwargs):
+        super().__init__(d_model, num_experts, **kwargs)
+        if num_null < 1 or not 1 <= k <= num_experts + num_null:
+            raise ConfigError(f"NullExpertGate needs num_null >= 1 and k in [1, {num_experts + num_null}], got {num_null} and {k}")
+        self.k, self.num_null = k, num_null
+        self.router = nn.Linear(d_model, num_experts + num_null, bias=False)
+
+    def assign(self, probs_TE):
+        p_TK, top_TK = probs_TE.topk(self.k, -1)
+        weight_TK = p_TK / p_TK.sum(-1, keepdim=True)
+        real_KT = (top_TK < self.num_experts).t()  # choices in rank order: first choices first
+        rank_N, token_N = real_KT.nonzero(as_tuple=True)
+        return token_N, top_TK[token_N, rank_N], weight_TK[token_N, rank_N]
+
+    def load_balancing_loss(self, probs_TE):
+        if probs_TE.shape[0] == 0:
+            return probs_TE.sum()
+        E, N = self.num_experts, self.num_null
+        load_X = counts(probs_TE.topk(self.k, -1).indices.flatten(), E + N).to(probs_TE.dtype) / (probs_TE.shape[0] * self.k)
+        mean_X = probs_TE.mean(0)
+        pooled = lambda v: torch.cat([v[:E], v[E:].mean().expand(N)])  # noqa: E731
+        return (E + N) * (pooled(load_X) * pooled(mean_X)).sum()
+
+    def extra_repr(self):
+        return f"k={self.k}, num_null={self.num_null}"

@@ -196,3 +196,37 @@ def test_top_p_rejects_bad_settings(p, max_experts):
 
     with pytest.raises(ConfigError, match="TopPGate"):
         TopPGate(4, 3, p=p, max_experts=max_experts)
+
+
+def test_null_experts_send_tokens_to_fewer_real_experts():
+    from adamoe.gates import NullExpertGate
+
+    # Two real experts (0, 1) and two null ones (2, 3). Probabilities by hand:
+    #   token 0: (0.5, 0.3, 0.1, 0.1): both picks real, weights 5/8, 3/8
+    #   token 1: (0.4, 0.1, 0.4, 0.1): real 0 (weight 1/2) and a null: one real expert
+    #   token 2: (0.1, 0.1, 0.5, 0.3): both picks null: no expert at all
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.4, 0.1, 0.4, 0.1], [0.1, 0.1, 0.5, 0.3]])
+    gate = NullExpertGate(3, 2, k=2, num_null=2, aux_loss_coef=0.0)
+    with torch.no_grad():
+        gate.router.weight.copy_(probs.log().t())  # the identity input picks each token's logits
+    r = gate(torch.eye(3))
+    assert assignments(r) == [(0, 0, 0.625), (0, 1, 0.375), (1, 0, 0.5)]
+    assert r.experts_per_token_T.tolist() == [2, 1, 0] and r.expert_load_E.tolist() == [2, 1]
+
+
+def test_null_expert_balance_loss_pools_the_nulls():
+    from adamoe.gates import NullExpertGate
+
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.4, 0.1, 0.4, 0.1], [0.1, 0.1, 0.5, 0.3]])
+    gate = NullExpertGate(4, 2, k=2, num_null=2)
+    # Picks: token 0 -> 0, 1; token 1 -> 0, 2 (its two 0.4s); token 2 -> 2, 3.
+    # Loads over 6 picks: (2, 1, 2, 1) / 6, pooled nulls (1.5, 1.5) / 6; mean probabilities (1/3, 1/6, 1/3, 1/6), pooled (1/4, 1/4).
+    want = 4 * (2 / 6 * 1 / 3 + 1 / 6 * 1 / 6 + 2 * (1.5 / 6 * 1 / 4))
+    assert gate.load_balancing_loss(probs).item() == pytest.approx(want)
+
+
+def test_null_expert_gate_has_a_router_over_real_and_null_experts():
+    from adamoe.gates import NullExpertGate
+
+    gate = NullExpertGate(8, 4, k=3, num_null=5)
+    assert gate.num_experts == 4 and gate.router.out_features == 9

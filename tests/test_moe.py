@@ -2,10 +2,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate, TopPGate
+from adamoe.gates import AdaptiveGate, NullExpertGate, Top1Gate, Top2Gate, TopPGate
 from adamoe.moe import MoELayer
 
-GATES = [Top1Gate, Top2Gate, lambda d, e: AdaptiveGate(d, e, threshold=0.2), lambda d, e: TopPGate(d, e, p=0.6)]
+GATES = [
+    Top1Gate,
+    Top2Gate,
+    lambda d, e: AdaptiveGate(d, e, threshold=0.2),
+    lambda d, e: TopPGate(d, e, p=0.6),
+    lambda d, e: NullExpertGate(d, e, k=2, num_null=3),
+]
 
 
 def naive_moe(layer, x_TD, pad_T, rule):
@@ -40,8 +46,14 @@ def rule_for(gate):
             total += float(p[e])
         return chosen
 
+    def null_experts(p):
+        v, i = p.topk(gate.k)
+        return [(e, w / v.sum()) for e, w in zip(i, v) if e < gate.num_experts]
+
     if isinstance(gate, TopPGate):
         return top_p
+    if isinstance(gate, NullExpertGate):
+        return null_experts
     if isinstance(gate, Top1Gate):
         return lambda p: [(p.argmax(), p.max())]
     if isinstance(gate, Top2Gate):
@@ -50,7 +62,9 @@ def rule_for(gate):
 
 
 @pytest.mark.parametrize(
-    ("make_gate", "activation"), [*((g, "relu") for g in GATES), (Top2Gate, "gelu")], ids=["top1", "top2", "adaptive", "top-p", "top2-gelu"]
+    ("make_gate", "activation"),
+    [*((g, "relu") for g in GATES), (Top2Gate, "gelu")],
+    ids=["top1", "top2", "adaptive", "top-p", "null-experts", "top2-gelu"],
 )
 def test_matches_naive_loop_with_padding_and_empty_experts(make_gate, activation):
     torch.manual_seed(0)
@@ -79,7 +93,7 @@ def test_matches_naive_loop_with_padding_and_empty_experts(make_gate, activation
     assert grads[2][4].abs().max() == 0  # the empty expert gets an exact zero gradient
 
 
-@pytest.mark.parametrize("make_gate", GATES, ids=["top1", "top2", "adaptive", "top-p"])
+@pytest.mark.parametrize("make_gate", GATES, ids=["top1", "top2", "adaptive", "top-p", "null-experts"])
 def test_permuting_tokens_permutes_outputs(make_gate):
     torch.manual_seed(1)
     layer = MoELayer(8, 16, 4, make_gate(8, 4)).double()
