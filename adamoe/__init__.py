@@ -13,7 +13,7 @@ Tensor names end in their shape, one letter a dimension, each letter with one me
     I  training steps                C  columns of a statistics row
 """
 
-from adamoe.gates import AdaptiveGate, Gate, NullExpertGate, Routing, Top1Gate, Top2Gate, TopPGate
+from adamoe.gates import AdaptiveGate, Gate, NullExpertGate, ReLUGate, Routing, Top1Gate, Top2Gate, TopPGate
 from adamoe.moe import MoELayer
 from adamoe.transformer import Transformer, TransformerConfig
 
@@ -24,6 +24,7 @@ __all__ = [
     "Gate",
     "MoELayer",
     "NullExpertGate",
+    "ReLUGate",
     "Routing",
     "Top1Gate",
     "Top2Gate",

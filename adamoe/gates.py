@@ -95,7 +95,7 @@ class Gate(nn.Module):
             x_RD = x_TD[real_T]
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_RE = F.linear(x_RD.float(), self.router.weight.float())
-        probs_RE = logits_RE.softmax(-1)
+        probs_RE = self.scores(logits_RE)
         token_N, expert_N, weight_N = self.assign(probs_RE)
         if real_T is not None:
             token_N = real_T[token_N]
@@ -117,6 +117,10 @@ class Gate(nn.Module):
             router_entropy=entropy,
             num_tokens=R,
         )
+
+    def scores(self, logits_TE: Tensor) -> Tensor:
+        """The router's scores that `assign` chooses by: a softmax, unless a gate says otherwise."""
+        return logits_TE.softmax(-1)
 
     def extra_loss(self, probs_TE: Tensor) -> Tensor:
         """A gate's own auxiliary loss, coefficient applied; added to `aux_loss`."""
@@ -295,3 +299,54 @@ class NullExpertGate(Gate):
 
     def extra_repr(self):
         return f"k={self.k}, num_null={self.num_null}"
+
+
+class ReLUGate(Gate):
+    """ReLU routing (Wang et al., ICLR 2025, "ReMoE"): the gate values are relu(x W), and a
+    token goes to every expert whose value is positive (its `max_experts` largest, when
+    set), weighted by that value; a token with no positive value gets no expert, and its
+    block passes it on the residual path alone.
+
+    Sparsity is held by an L1 penalty on the gate values whose coefficient adapts: after
+    each training forward it is multiplied by `adapt` when fewer gates are zero than
+    `target_sparsity` asks, and divided by it when more are, so the share of zero gates
+    settles near the target (1 - k/E matches top-k's compute). The coefficient is a buffer:
+    checkpointed with the model, and under DDP rank 0's value is the one every rank uses.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, *, target_sparsity: float = 0.875, l1_coef: float = 1e-8,
+                 adapt: float = 1.2, max_experts: int | None = None, aux_loss_coef: float = 0.0, **kwargs):  # fmt: skip
+        super().__init__(d_model, num_experts, aux_loss_coef=aux_loss_coef, **kwargs)
+        if not 0.0 <= target_sparsity < 1.0 or adapt <= 1.0 or l1_coef <= 0.0:
+            raise ConfigError(
+                f"ReLUGate needs target_sparsity in [0, 1), adapt > 1, l1_coef > 0; got {target_sparsity}, {adapt}, {l1_coef}"
+            )
+        if max_experts is not None and not 1 <= max_experts <= num_experts:
+            raise ConfigError(f"ReLUGate max_experts must be in [1, {num_experts}], got {max_experts}")
+        self.target_sparsity, self.adapt, self.max_experts = target_sparsity, adapt, max_experts
+        self.register_buffer("l1_coef", torch.tensor(float(l1_coef)))
+
+    def scores(self, logits_TE):
+        return logits_TE.relu()
+
+    def assign(self, probs_TE):
+        keep_TE = probs_TE > 0
+        if self.max_experts is not None and self.max_experts < probs_TE.shape[1]:
+            keep_TE &= probs_TE >= probs_TE.topk(self.max_experts, -1).values[:, -1:]
+        order_TE = probs_TE.argsort(-1, descending=True)  # list every token's largest value first
+        ranked_TE = keep_TE.gather(1, order_TE)
+        rank_N, token_N = ranked_TE.t().nonzero(as_tuple=True)
+        expert_N = order_TE[token_N, rank_N]
+        return token_N, expert_N, probs_TE[token_N, expert_N]
+
+    def extra_loss(self, probs_TE):
+        if probs_TE.shape[0] == 0:
+            return probs_TE.sum()
+        if self.training:
+            with torch.no_grad():
+                sparsity = (probs_TE == 0).float().mean()
+                self.l1_coef *= self.adapt if sparsity < self.target_sparsity else 1 / self.adapt
+        return self.l1_coef * probs_TE.sum(-1).mean()
+
+    def extra_repr(self):
+        return f"target_sparsity={self.target_sparsity}, adapt={self.adapt}, max_experts={self.max_experts}"

@@ -230,3 +230,32 @@ def test_null_expert_gate_has_a_router_over_real_and_null_experts():
 
     gate = NullExpertGate(8, 4, k=3, num_null=5)
     assert gate.num_experts == 4 and gate.router.out_features == 9
+
+
+def test_relu_gate_sends_each_token_to_its_positive_experts():
+    from adamoe.gates import ReLUGate
+
+    logits = torch.tensor([[0.5, -1.0, 0.25], [-0.5, -0.1, -2.0], [1.0, 2.0, 3.0]])
+    gate, x = gate_with_logits(ReLUGate, logits)
+    r = gate(x)
+    # Token 1 has no positive value: no expert. Weights are the relu values themselves.
+    assert assignments(r) == [(0, 0, 0.5), (0, 2, 0.25), (2, 0, 1.0), (2, 1, 2.0), (2, 2, 3.0)]
+    assert r.experts_per_token_T.tolist() == [2, 0, 3] and r.token_index_N[:2].tolist() == [0, 2]  # largest values first
+    capped, x = gate_with_logits(ReLUGate, logits, max_experts=1)
+    assert assignments(capped(x)) == [(0, 0, 0.5), (2, 2, 3.0)]
+
+
+def test_relu_gate_l1_coefficient_moves_toward_the_target_sparsity():
+    from adamoe.gates import ReLUGate
+
+    logits = torch.tensor([[0.5, -1.0, 0.25], [-0.5, -0.1, -2.0], [1.0, 2.0, 3.0]])  # 4 of 9 gates are zero
+    values = logits.relu()
+    for target, factor in ((0.5, 1.2), (0.4, 1 / 1.2)):
+        gate, x = gate_with_logits(ReLUGate, logits, target_sparsity=target, l1_coef=0.01)
+        loss = gate(x).aux_loss  # training mode: the coefficient moves first, then weighs the L1 term
+        assert gate.l1_coef.item() == pytest.approx(0.01 * factor)
+        assert loss.item() == pytest.approx(0.01 * factor * values.sum(-1).mean().item())
+    gate.eval()
+    gate(x)
+    assert gate.l1_coef.item() == pytest.approx(0.01 / 1.2)  # evaluation leaves it alone
+    assert "l1_coef" in gate.state_dict()  # checkpointed

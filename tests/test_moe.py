@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adamoe.gates import AdaptiveGate, NullExpertGate, Top1Gate, Top2Gate, TopPGate
+from adamoe.gates import AdaptiveGate, NullExpertGate, ReLUGate, Top1Gate, Top2Gate, TopPGate
 from adamoe.moe import MoELayer
 
 GATES = [
@@ -11,11 +11,12 @@ GATES = [
     lambda d, e: AdaptiveGate(d, e, threshold=0.2),
     lambda d, e: TopPGate(d, e, p=0.6),
     lambda d, e: NullExpertGate(d, e, k=2, num_null=3),
+    ReLUGate,
 ]
 
 
 def naive_moe(layer, x_TD, pad_T, rule):
-    """Per-token loop: softmax, pick experts by `rule`, sum weighted expert FFNs."""
+    """Per-token loop: the gate's scores (a softmax, or ReLU's), pick experts by `rule`, sum weighted expert FFNs."""
     w_g = layer.gate.router.weight
     w0, w1 = layer.experts.w0_EDF, layer.experts.w1_EFD
     out = []
@@ -23,7 +24,7 @@ def naive_moe(layer, x_TD, pad_T, rule):
         if pad_T[t]:
             out.append(torch.zeros_like(x_TD[t]))
             continue
-        p = torch.softmax(x_TD[t] @ w_g.t(), -1)
+        p = layer.gate.scores(x_TD[t] @ w_g.t())
         y = torch.zeros_like(x_TD[t])
         for e, w in rule(p):
             y = y + w * (layer.experts.activation(x_TD[t] @ w0[e]) @ w1[e])
@@ -50,6 +51,8 @@ def rule_for(gate):
         v, i = p.topk(gate.k)
         return [(e, w / v.sum()) for e, w in zip(i, v) if e < gate.num_experts]
 
+    if isinstance(gate, ReLUGate):
+        return lambda p: [(e, p[e]) for e in range(len(p)) if p[e] > 0]
     if isinstance(gate, TopPGate):
         return top_p
     if isinstance(gate, NullExpertGate):
@@ -64,7 +67,7 @@ def rule_for(gate):
 @pytest.mark.parametrize(
     ("make_gate", "activation"),
     [*((g, "relu") for g in GATES), (Top2Gate, "gelu")],
-    ids=["top1", "top2", "adaptive", "top-p", "null-experts", "top2-gelu"],
+    ids=["top1", "top2", "adaptive", "top-p", "null-experts", "relu", "top2-gelu"],
 )
 def test_matches_naive_loop_with_padding_and_empty_experts(make_gate, activation):
     torch.manual_seed(0)
@@ -93,7 +96,7 @@ def test_matches_naive_loop_with_padding_and_empty_experts(make_gate, activation
     assert grads[2][4].abs().max() == 0  # the empty expert gets an exact zero gradient
 
 
-@pytest.mark.parametrize("make_gate", GATES, ids=["top1", "top2", "adaptive", "top-p", "null-experts"])
+@pytest.mark.parametrize("make_gate", GATES, ids=["top1", "top2", "adaptive", "top-p", "null-experts", "relu"])
 def test_permuting_tokens_permutes_outputs(make_gate):
     torch.manual_seed(1)
     layer = MoELayer(8, 16, 4, make_gate(8, 4)).double()
