@@ -190,6 +190,7 @@ class AdaptiveGate(Gate):
     """
 
     SINGLE_WEIGHTS = ("normalized", "one", "raw")
+    KNOB = "threshold"  # what `adamoe.callbacks.Budget` turns: higher, more two-expert tokens
 
     def __init__(self, d_model: int, num_experts: int, *, threshold: float = 0.1, single_weight: str = "normalized", **kwargs):
         super().__init__(d_model, num_experts, **kwargs)
@@ -231,6 +232,8 @@ class TopPGate(Gate):
     so that a set that reaches `p` exactly in real numbers does in floating point too.
     The number of assignments depends on the data: choosing them reads it on the host.
     """
+
+    KNOB = "p"  # what `adamoe.callbacks.Budget` turns: higher, more experts
 
     def __init__(self, d_model: int, num_experts: int, *, p: float = 0.4, max_experts: int | None = None,
                  dynamic_loss_coef: float = 0.0, **kwargs):  # fmt: skip

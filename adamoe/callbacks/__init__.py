@@ -1,4 +1,5 @@
 from adamoe.callbacks.analysis import RoutingAnalysis
+from adamoe.callbacks.budget import Budget
 from adamoe.callbacks.curriculum import Curriculum
 from adamoe.callbacks.faults import NonFiniteGuard, RandomState
 from adamoe.callbacks.memory import KeepFreedMemory, keep_freed_memory
@@ -7,6 +8,6 @@ from adamoe.callbacks.stats import ExpertStats
 from adamoe.callbacks.timing import CollectiveWait, EpochTimer
 
 __all__ = [
-    "AtomicCheckpointIO", "Checkpoint", "CollectiveWait", "Curriculum", "EpochTimer", "ExpertStats", "KeepFreedMemory", "MetricsSummary",
-    "NonFiniteGuard", "RandomState", "RoutingAnalysis", "keep_freed_memory",
+    "AtomicCheckpointIO", "Budget", "Checkpoint", "CollectiveWait", "Curriculum", "EpochTimer", "ExpertStats", "KeepFreedMemory",
+    "MetricsSummary", "NonFiniteGuard", "RandomState", "RoutingAnalysis", "keep_freed_memory",
 ]  # fmt: skip

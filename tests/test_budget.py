@@ -1,0 +1,48 @@
+"""The compute-budget controller: a target mean of experts per token, held by turning a gate's knob."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from adamoe.callbacks import Budget
+from adamoe.callbacks.budget import step_knob
+from adamoe.gates import AdaptiveGate, Top1Gate, TopPGate
+
+
+@pytest.mark.parametrize(
+    "make_gate", [lambda: AdaptiveGate(16, 8, threshold=0.9), lambda: TopPGate(16, 8, p=0.9)], ids=["adaptive", "top-p"]
+)
+def test_the_knob_settles_the_mean_within_0_03_of_the_target_in_150_steps(make_gate):
+    """Fixed router and tokens: the mean experts per token is a function of the knob alone."""
+    torch.manual_seed(0)
+    gate, x = make_gate(), torch.randn(4000, 16)
+    with torch.no_grad():
+        gate.router.weight.mul_(3.0)  # a router with opinions: one expert dominates many tokens
+    knob, means = type(gate).KNOB, []
+    for _ in range(150):
+        r = gate(x)
+        means.append(r.token_index_N.numel() / r.num_tokens)
+        setattr(gate, knob, step_knob(getattr(gate, knob), means[-1], 1.25, 0.05, 1e-6, 1.0))
+    assert means[0] > 1.5  # it starts far off the target
+    assert all(abs(m - 1.25) <= 0.03 for m in means[-30:]), means[-30:]
+
+
+def layers(*gates):
+    return SimpleNamespace(net=SimpleNamespace(moe_layer_names=[f"enc.{i}" for i in range(len(gates))], moe_layers=lambda: [
+        SimpleNamespace(gate=g) for g in gates]))  # fmt: skip
+
+
+def test_a_resumed_run_continues_from_the_saved_knobs():
+    budget = Budget(target=1.25)
+    budget.load_state_dict({"knobs": {"enc.0": 0.37, "enc.1": 0.61}})
+    a, b = AdaptiveGate(8, 4, threshold=0.1), TopPGate(8, 4, p=0.5)
+    budget.on_train_start(None, layers(a, b))
+    assert a.threshold == 0.37 and b.p == 0.61 and budget.state_dict() == {"knobs": {"enc.0": 0.37, "enc.1": 0.61}}
+
+
+def test_a_gate_without_a_knob_is_refused():
+    from adamoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Top1Gate in enc.0 has none"):
+        Budget().on_train_start(None, layers(Top1Gate(8, 4)))
