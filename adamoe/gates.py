@@ -34,6 +34,12 @@ class Routing:
         """Per-sequence count of tokens on two or more experts, shape [B] (eq. 5 numerator)."""
         return (self.experts_per_token_T >= 2).view(batch_size, -1).sum(1)
 
+    def extra_expert_counts(self, batch_size: int) -> Tensor:
+        """Per-sequence sum over tokens of the experts beyond the first, shape [B]: the
+        curriculum's complexity for any number of experts per token. Where a token takes at
+        most two it is `two_expert_counts`."""
+        return (self.experts_per_token_T - 1).clamp_min(0).view(batch_size, -1).sum(1)
+
     def with_capacity(self, capacity: int) -> "Routing":
         """Drop the assignments that overflow `capacity` per expert.
 

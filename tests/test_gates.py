@@ -259,3 +259,13 @@ def test_relu_gate_l1_coefficient_moves_toward_the_target_sparsity():
     gate(x)
     assert gate.l1_coef.item() == pytest.approx(0.01 / 1.2)  # evaluation leaves it alone
     assert "l1_coef" in gate.state_dict()  # checkpointed
+
+
+def test_extra_expert_counts_generalize_the_two_expert_counts():
+    from adamoe.gates import TopPGate
+
+    # Token experts per sequence of 3: (1, 2, 0) and (3, 2, 1): two-expert tokens 1 and 2, extra experts 1 and 3.
+    gate, x = gate_with_logits(TopPGate, LOGITS, p=0.5)
+    r = gate(x)
+    r.experts_per_token_T = torch.tensor([1, 2, 0, 3, 2, 1])
+    assert r.two_expert_counts(2).tolist() == [1, 2] and r.extra_expert_counts(2).tolist() == [1, 3]

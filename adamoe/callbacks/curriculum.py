@@ -38,7 +38,7 @@ class Curriculum(Callback):
             return
         B = batch["index"].shape[0]
         src_B, tgt_B = token_counts(batch)
-        two_BL = torch.stack([r.two_expert_counts(B) for r in routings], 1)
+        two_BL = torch.stack([r.extra_expert_counts(B) for r in routings], 1)
         tokens_BL = torch.stack([src_B if side == "source" else tgt_B for side in pl_module.net.moe_layer_sides], 1)
         trainer.datamodule.train_sampler.record(batch["index"], two_BL, tokens_BL)
         self.loads.append(torch.stack([r.expert_load_E for r in routings]).double())
