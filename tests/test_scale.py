@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from adamoe.data import DataError, ParallelText, TextLines, sources
+from adamoe.data import DataError, ParallelText, TextLines, text
 from adamoe.data.batching import Plan, pack
 from adamoe.data.tokenizer import EOS_ID, sample
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(sources, "CHUNK_ROWS", 3)  # every file below spans several chunks
+    monkeypatch.setattr(text, "CHUNK_ROWS", 3)  # every file below spans several chunks
 
 
 def write(path, lines: list[bytes], gz=False):
@@ -171,7 +171,7 @@ def test_preparation_streams_through_a_redrawing_progress_bar(tmp_path, monkeypa
             pass
 
     monkeypatch.setattr(datamodule, "tqdm", Bar)
-    monkeypatch.setattr(sources, "CHUNK_ROWS", 50)
+    monkeypatch.setattr(text, "CHUNK_ROWS", 50)
     dm = TranslationData(SyntheticTranslation(200, 20, 20), vocab_size=300, max_tokens=512, cache_dir=str(tmp_path / "cache"))
     dm.prepare_data()
     dm.setup("fit")

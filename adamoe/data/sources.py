@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lightning.pytorch.utilities import rank_zero_info
 
-from adamoe.data import synthetic
-from adamoe.data.text import CHUNK_ROWS, blank, file_stamp, first_blank, line_chunks
+from adamoe.data import synthetic, text
+from adamoe.data.text import blank, file_stamp, first_blank, line_chunks
 from adamoe.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -34,12 +34,12 @@ class DataSource:
         return None if chunks is None else datasets.Dataset(pa.concat_tables(list(chunks)))
 
     def chunks(self, split: str) -> Iterator[pa.Table] | None:
-        """The split as Arrow tables of at most CHUNK_ROWS rows, read as they are needed."""
+        """The split as Arrow tables of at most `text.CHUNK_ROWS` rows, read as they are needed."""
         ds = self.load(split)
         if ds is None:
             return None
         table = ds.with_format("arrow")[:]
-        return (table.slice(i, CHUNK_ROWS) for i in range(0, len(table), CHUNK_ROWS))
+        return (table.slice(i, text.CHUNK_ROWS) for i in range(0, len(table), text.CHUNK_ROWS))
 
     def locate(self, split: str, index: int, column: str) -> str:
         """Where sample `index` (from 0) of `split` is, for an error message: a file and line where known."""
@@ -135,8 +135,8 @@ class ParallelText(DataSource):
                     for path, c, rest in ((src_path, a, src), (tgt_path, b, tgt))
                 }
                 raise DataError(f"parallel files differ in length: {src_path} has {n[src_path]} lines, {tgt_path} has {n[tgt_path]}")
-            for path, text in ((src_path, a), (tgt_path, b)):
-                if (i := first_blank(text)) is not None:
+            for path, side in ((src_path, a), (tgt_path, b)):
+                if (i := first_blank(side)) is not None:
                     raise DataError(f"{path}:{done + i + 1}: empty line (its pair is not empty, or both are)")
             done += len(a)
             yield pa.table({"source": a, "target": b})
@@ -157,10 +157,10 @@ class TextLines(DataSource):
 
     def _chunks(self, path: Path):
         lines = kept = 0
-        for text in line_chunks(path):
-            real = pc.invert(blank(text))
-            lines, kept = lines + len(text), kept + pc.sum(real).as_py()
-            yield pa.table({"text": text.filter(real)})
+        for chunk in line_chunks(path):
+            real = pc.invert(blank(chunk))
+            lines, kept = lines + len(chunk), kept + pc.sum(real).as_py()
+            yield pa.table({"text": chunk.filter(real)})
         if not kept:
             raise DataError(f"{path}: no text, only blank lines")
         if kept < lines:
@@ -178,8 +178,8 @@ def _select_columns(ds: datasets.Dataset, columns: dict[str, str], where: str, f
     for theirs in columns.values():
         if theirs not in table.column_names:
             raise DataError(f"{where}: no column {theirs!r}; columns are {ds.column_names}")
-    for start in range(0, table.num_rows, CHUNK_ROWS):
-        part = table.slice(start, CHUNK_ROWS)
+    for start in range(0, table.num_rows, text.CHUNK_ROWS):
+        part = table.slice(start, text.CHUNK_ROWS)
         out = {}
         for ours, theirs in columns.items():
             values = part.column(theirs).combine_chunks()
