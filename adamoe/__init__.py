@@ -13,7 +13,8 @@ Tensor names end in their shape, one letter a dimension, each letter with one me
     I  training steps                C  columns of a statistics row
 """
 
-from adamoe.gates import AdaptiveGate, Gate, NullExpertGate, ReLUGate, Routing, Top1Gate, Top2Gate, TopPGate
+from adamoe.dynamic_gates import NullExpertGate, ReLUGate, TopPGate
+from adamoe.gates import AdaptiveGate, Gate, Routing, Top1Gate, Top2Gate
 from adamoe.moe import MoELayer
 from adamoe.transformer import Transformer, TransformerConfig
 

@@ -7,7 +7,8 @@ import torch
 
 from adamoe.callbacks import Budget
 from adamoe.callbacks.budget import step_knob
-from adamoe.gates import AdaptiveGate, Top1Gate, TopPGate
+from adamoe.dynamic_gates import TopPGate
+from adamoe.gates import AdaptiveGate, Top1Gate
 
 
 @pytest.mark.parametrize(

@@ -99,7 +99,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_cache import data
-data(Path({tmp!r}), train_size=40000).prepare_data()
+data(Path({tmp!r}), train_size=20000).prepare_data()
 """
 
 

@@ -165,7 +165,7 @@ def test_plain_model_code_loads_no_lightning():
     ],
 )
 def test_top_p_takes_the_fewest_experts_that_reach_p(p, max_experts, want):
-    from adamoe.gates import TopPGate
+    from adamoe.dynamic_gates import TopPGate
 
     gate, x = gate_with_logits(TopPGate, LOGITS, p=p, max_experts=max_experts, aux_loss_coef=0.0)
     r = gate(x)
@@ -181,7 +181,7 @@ def test_top_p_takes_the_fewest_experts_that_reach_p(p, max_experts, want):
 
 
 def test_top_p_dynamic_loss_is_the_mean_router_entropy():
-    from adamoe.gates import TopPGate
+    from adamoe.dynamic_gates import TopPGate
 
     gate, x = gate_with_logits(TopPGate, LOGITS, p=0.5, aux_loss_coef=0.0, dynamic_loss_coef=0.1)
     rows = [(0.6, 0.3, 0.1), (0.1, 0.45, 0.45), (0.5, 0.1, 0.4)]
@@ -191,15 +191,15 @@ def test_top_p_dynamic_loss_is_the_mean_router_entropy():
 
 @pytest.mark.parametrize(("p", "max_experts"), [(0.0, None), (1.5, None), (0.5, 0), (0.5, 4)])
 def test_top_p_rejects_bad_settings(p, max_experts):
+    from adamoe.dynamic_gates import TopPGate
     from adamoe.errors import ConfigError
-    from adamoe.gates import TopPGate
 
     with pytest.raises(ConfigError, match="TopPGate"):
         TopPGate(4, 3, p=p, max_experts=max_experts)
 
 
 def test_null_experts_send_tokens_to_fewer_real_experts():
-    from adamoe.gates import NullExpertGate
+    from adamoe.dynamic_gates import NullExpertGate
 
     # Two real experts (0, 1) and two null ones (2, 3). Probabilities by hand:
     #   token 0: (0.5, 0.3, 0.1, 0.1): both picks real, weights 5/8, 3/8
@@ -215,7 +215,7 @@ def test_null_experts_send_tokens_to_fewer_real_experts():
 
 
 def test_null_expert_balance_loss_pools_the_nulls():
-    from adamoe.gates import NullExpertGate
+    from adamoe.dynamic_gates import NullExpertGate
 
     probs = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.4, 0.1, 0.4, 0.1], [0.1, 0.1, 0.5, 0.3]])
     gate = NullExpertGate(4, 2, k=2, num_null=2)
@@ -226,14 +226,14 @@ def test_null_expert_balance_loss_pools_the_nulls():
 
 
 def test_null_expert_gate_has_a_router_over_real_and_null_experts():
-    from adamoe.gates import NullExpertGate
+    from adamoe.dynamic_gates import NullExpertGate
 
     gate = NullExpertGate(8, 4, k=3, num_null=5)
     assert gate.num_experts == 4 and gate.router.out_features == 9
 
 
 def test_relu_gate_sends_each_token_to_its_positive_experts():
-    from adamoe.gates import ReLUGate
+    from adamoe.dynamic_gates import ReLUGate
 
     logits = torch.tensor([[0.5, -1.0, 0.25], [-0.5, -0.1, -2.0], [1.0, 2.0, 3.0]])
     gate, x = gate_with_logits(ReLUGate, logits)
@@ -246,7 +246,7 @@ def test_relu_gate_sends_each_token_to_its_positive_experts():
 
 
 def test_relu_gate_l1_coefficient_moves_toward_the_target_sparsity():
-    from adamoe.gates import ReLUGate
+    from adamoe.dynamic_gates import ReLUGate
 
     logits = torch.tensor([[0.5, -1.0, 0.25], [-0.5, -0.1, -2.0], [1.0, 2.0, 3.0]])  # 4 of 9 gates are zero
     values = logits.relu()
@@ -262,7 +262,7 @@ def test_relu_gate_l1_coefficient_moves_toward_the_target_sparsity():
 
 
 def test_extra_expert_counts_generalize_the_two_expert_counts():
-    from adamoe.gates import TopPGate
+    from adamoe.dynamic_gates import TopPGate
 
     # Token experts per sequence of 3: (1, 2, 0) and (3, 2, 1): two-expert tokens 1 and 2, extra experts 1 and 3.
     gate, x = gate_with_logits(TopPGate, LOGITS, p=0.5)

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adamoe.gates import AdaptiveGate, NullExpertGate, ReLUGate, Top1Gate, Top2Gate, TopPGate
+from adamoe.dynamic_gates import NullExpertGate, ReLUGate, TopPGate
+from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
 from adamoe.moe import MoELayer
 
 GATES = [
