@@ -96,7 +96,7 @@ class AdamoeCLI(LightningCLI):
             [str(a) for a in (sys.argv[1:] if args is None else args)] if args is None or isinstance(args, (list, tuple)) else []
         )
         for i, arg in enumerate(self._command_line[:-1]):  # jsonargparse's own YAML errors name neither file nor line
-            if arg == "--config" and Path(self._command_line[i + 1]).is_file():
+            if arg in ("-c", "--config") and Path(self._command_line[i + 1]).is_file():
                 precedence.load_yaml(self._command_line[i + 1])
         super().parse_arguments(parser, args)
 

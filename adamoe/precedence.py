@@ -47,7 +47,7 @@ def user_keys(args: list[str]) -> set[Key]:
 
     for i, arg in enumerate(args):
         name = arg.split("=", 1)[0]
-        if name == "--config" and (file := value(i, arg)) is not None:
+        if name in ("-c", "--config") and (file := value(i, arg)) is not None:
             model = (load_yaml(file) or {}).get("model")
             keys |= set(leaves(model)) if isinstance(model, dict) else set()
         elif name == "--model" and (given := value(i, arg)) is not None:

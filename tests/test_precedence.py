@@ -20,7 +20,7 @@ def test_user_keys_from_files_and_flags(tmp_path):
     cfg = tmp_path / "a.yaml"
     cfg.write_text("model:\n  init_args:\n    net:\n      d_model: 8\n      gate: {class_path: adamoe.Top1Gate}\n")
     keys = precedence.user_keys(
-        ["--config", str(cfg), "--model.init_args.net.dropout", "0.0", "--model.init_args.optimizer={lr: 0.1}", "--trainer.max_steps", "3"]
+        ["-c", str(cfg), "--model.init_args.net.dropout", "0.0", "--model.init_args.optimizer={lr: 0.1}", "--trainer.max_steps", "3"]
     )
     assert keys == {("net", "d_model"), ("net", "gate", "class_path"), ("net", "dropout"), ("optimizer", "lr")}
 
