@@ -8,7 +8,6 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 
-import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
@@ -18,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from adamoe import precedence
 from adamoe.callbacks import AtomicCheckpointIO, Checkpoint, EpochTimer, NonFiniteGuard, RoutingAnalysis
 from adamoe.data import TextData
-from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError
+from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError, read_checkpoint
 from adamoe.moe import MoELayer
 from adamoe.tasks import MoEModule
 
@@ -114,10 +113,7 @@ class AdamoeCLI(LightningCLI):
             ckpt = self._resolve_last(subcommand)
         if not ckpt or not Path(ckpt).is_file():
             return
-        try:
-            hparams = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-        except Exception as e:  # a truncated, foreign or malicious file
-            raise CheckpointError(f"{ckpt}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        hparams = read_checkpoint(ckpt).get("hyper_parameters", {})
         if not isinstance(hparams, dict):
             raise CheckpointError(f"{ckpt}: not a checkpoint of this program (its hyper_parameters are a {type(hparams).__name__})")
         hparams.pop("_instantiator", None)

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric, Metric
 
 from adamoe.convert import ExpertInit, convert
 from adamoe.data.batch import Batch
-from adamoe.errors import CheckpointError, ConfigError
+from adamoe.errors import CheckpointError, ConfigError, read_checkpoint
 from adamoe.gates import Routing
 from adamoe.parallel import expert_group, gather_experts, parallelize_experts, record_parameter_names, slice_experts
 from adamoe.schedulers import WarmupInverseSqrt
@@ -201,11 +201,10 @@ class MoEModule(LightningModule):
             path = Path(self.hparams.convert_from)
             if not path.is_file():
                 raise CheckpointError(f"convert_from {path}: no such checkpoint file")
-            try:
-                ckpt = torch.load(path, weights_only=True, map_location="cpu")
-                saved_class, state = ckpt.get("hyper_parameters", {}).get("_class_path"), ckpt["state_dict"]
-            except Exception as e:  # a truncated, foreign or malicious file
-                raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            ckpt = read_checkpoint(path)
+            if "state_dict" not in ckpt:
+                raise CheckpointError(f"{path}: not a checkpoint (no state_dict)")
+            saved_class, state = ckpt.get("hyper_parameters", {}).get("_class_path"), ckpt["state_dict"]
             if saved_class and saved_class.rsplit(".", 1)[-1] != type(self).__qualname__:
                 raise CheckpointError(f"convert_from {path} was saved by {saved_class}, for another task than {type(self).__qualname__}")
             prefix = "net."
