@@ -1,6 +1,7 @@
 """The `train.py` command line: LightningCLI with the data-to-model links and run defaults."""
 
 import errno
+import logging
 import os
 import re
 import sys
@@ -9,13 +10,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from adamoe import precedence
-from adamoe.callbacks import AtomicCheckpointIO, Checkpoint, EpochTimer, NonFiniteGuard, RoutingAnalysis
+from adamoe.callbacks import AtomicCheckpointIO, Checkpoint, EpochTimer, NonFiniteGuard, ProgressBar, RoutingAnalysis
 from adamoe.data import TextData
 from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError, read_checkpoint
 from adamoe.moe import MoELayer
@@ -28,6 +30,15 @@ BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # The data module's batch sampler resumes mid-epoch from its own state: the warning does not apply.
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
+# Every new run has a folder of its own: a full checkpoint folder is the run being resumed.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# `Checkpoint` checks its monitor against the task's metrics before the first step; this
+# one is said again by every run that ends before its first validation.
+warnings.filterwarnings("ignore", message=r".*ModelCheckpoint\(monitor=.*could not find the monitored key")
+# The batch sampler yields every sample of the predicted split (a test checks each line).
+warnings.filterwarnings("ignore", message=r".*custom batch sampler .* for prediction")
+# An advertisement, said at every start.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
 class OneLineErrors(LightningArgumentParser):
@@ -77,8 +88,13 @@ class AdamoeCLI(LightningCLI):
         parser.link_arguments("data.init_args.num_classes", "model.init_args.num_classes")
 
     def instantiate_trainer(self, **kwargs):
-        # A resumed run writes its config over the one it resumes in the same log folder.
-        self.save_config_kwargs["overwrite"] = self.subcommand == "fit" and bool(self.config_init["fit"].get("ckpt_path"))
+        config = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
+        callbacks = config.get("callbacks") or []
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar) for c in callbacks):
+            config.callbacks = [*callbacks, ProgressBar()]  # one a config can replace; without a bar, none
+        # A resumed run writes its config over the one it resumes in the same log folder, and
+        # an evaluation over the one of the evaluation before it.
+        self.save_config_kwargs["overwrite"] = self.subcommand != "fit" or bool(self.config_init["fit"].get("ckpt_path"))
         trainer = super().instantiate_trainer(**kwargs)
         strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a configured one is kept
@@ -111,6 +127,7 @@ class AdamoeCLI(LightningCLI):
         ckpt = self.config[subcommand].get("ckpt_path")
         if ckpt == "last":
             ckpt = self._resolve_last(subcommand)
+        self._place_logs(subcommand, ckpt)
         if not ckpt or not Path(ckpt).is_file():
             return
         hparams = read_checkpoint(ckpt).get("hyper_parameters", {})
@@ -135,24 +152,58 @@ class AdamoeCLI(LightningCLI):
             rank_zero_info(f"{Path(ckpt).name}: the config overrides its saved {'; '.join(unused)}")
         self.config = self.parser.parse_object({subcommand: {"model": {"class_path": wanted or saved, "init_args": merged}}}, self.config)
 
-    def _resolve_last(self, subcommand: str) -> str | None:
-        """`--ckpt_path last`: the run's last.ckpt, found where `Checkpoint` writes it. Fit
-        without one starts afresh; evaluating random weights would be no evaluation."""
-        config = self.config[subcommand]
+    @staticmethod
+    def _logger_args(config):
+        """The logger's init_args when it is one with a save_dir and a name (TensorBoard, CSV)."""
         logger = config.trainer.get("logger")
         init = logger.get("init_args") if logger and not isinstance(logger, bool) and hasattr(logger, "get") else None
-        folder = config.get("checkpoint", {}).get("dirpath") or (
-            Path(init.get("save_dir") or ".") / str(init.get("name") or "") / "checkpoints" if init else None
-        )
-        last = Path(folder) / "last.ckpt" if folder else None
-        if last is not None and last.is_file():
+        return init if init is not None and "name" in init else None
+
+    def _resolve_last(self, subcommand: str) -> str | None:
+        """`--ckpt_path last`: the last.ckpt of the newest run of this name (or of the logger's
+        version, or in `checkpoint.dirpath`, where set). Fit without one starts afresh;
+        evaluating random weights would be no evaluation."""
+        config = self.config[subcommand]
+        init = self._logger_args(config)
+        if config.get("checkpoint", {}).get("dirpath"):
+            found = [Path(config.checkpoint.dirpath) / "last.ckpt"]
+            where = config.checkpoint.dirpath
+        elif init is not None:
+            runs = Path(init.get("save_dir") or ".") / str(init.get("name") or "")
+            version = init.get("version")
+            pattern = "*" if version is None else version if isinstance(version, str) else f"version_{version}"
+            found = sorted(runs.glob(f"{pattern}/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+            where = runs if version is None else runs / pattern
+        else:
+            found, where = [], "the run's log folder (this logger has none)"
+        last = found[-1] if found and found[-1].is_file() else None
+        if last is not None:
             config.ckpt_path = str(last)
             return str(last)
         if subcommand != "fit":
-            raise CheckpointError(f"--ckpt_path last: no last.ckpt in {folder}; {subcommand} needs trained weights")
-        rank_zero_info(f"--ckpt_path last: no last.ckpt in {folder} yet; starting a new run")
+            raise CheckpointError(f"--ckpt_path last: no run with a last.ckpt in {where}; {subcommand} needs trained weights")
+        rank_zero_info(f"--ckpt_path last: no run with a last.ckpt in {where} yet; starting a new run")
         config.ckpt_path = None
         return None
+
+    def _place_logs(self, subcommand: str, ckpt: str | None):
+        """One folder per run, checkpoints inside it: a resumed fit logs into the run it
+        resumes, so that its curves go on where they stopped; validate, test and predict
+        log into a folder named for them, inside the checkpoint's run when it is one of
+        this logger's, rather than into a new version of their own. A version set in the
+        config is kept."""
+        init = self._logger_args(self.config[subcommand])
+        if init is None or init.get("version") is not None:
+            return
+        runs = (Path(init.get("save_dir") or ".") / str(init.get("name") or "")).resolve()
+        path = Path(ckpt).resolve() if ckpt and Path(ckpt).is_file() else None
+        run = path.parent.parent if path is not None and path.parent.name == "checkpoints" else None
+        run = run if run is not None and run.parent == runs else None
+        if subcommand == "fit":
+            if run is not None:
+                init.version = run.name
+        else:
+            init.version = f"{run.name}/{subcommand}" if run is not None else subcommand
 
     def _check_run(self):
         """What would otherwise fail late, or deep inside a library."""
@@ -180,14 +231,27 @@ class AdamoeCLI(LightningCLI):
             saved = Path(self.trainer.log_dir) / "config.yaml"
             if self.subcommand == "fit" and not ckpt and saved.exists():
                 raise ConfigError(
-                    f"{saved.parent} already holds a run: resume it with --ckpt_path {saved.parent.parent / 'checkpoints' / 'last.ckpt'}, "
+                    f"{saved.parent} already holds a run: resume it with --ckpt_path {saved.parent / 'checkpoints' / 'last.ckpt'}, "
                     "or choose another --trainer.logger.init_args.version"
                 )
 
     before_fit = before_validate = before_test = before_predict = _check_run
 
+    def after_fit(self):
+        # Said after the progress bar has stopped, so that it stays on the screen.
+        trainer = self.trainer
+        if not trainer.is_global_zero or not trainer.loggers or trainer.loggers[0].log_dir is None:
+            return
+        log_dir = trainer.loggers[0].log_dir
+        where = [f"Run logs:    {log_dir}  (metrics.json, config.yaml, TensorBoard events)"]
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            where.append(f"Checkpoints: {trainer.checkpoint_callback.dirpath}")
+        where.append(f"Watch it:    tensorboard --logdir {Path(log_dir).parent}")
+        print("\n".join(where), flush=True)
+
     def after_predict(self):
-        rank_zero_info(f"Predictions: {self.model.hparams.predict_output}")
+        if self.trainer.is_global_zero:
+            print(f"Predictions: {self.model.predictions_path}", flush=True)
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -23,7 +23,7 @@ def fitted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fitted")
     cfg = tiny_config(tmp)
     assert entry(["fit", "--config", str(cfg), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]) == 0
-    return tmp, tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt"
+    return tmp, tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
 
 
 def parallel_files(tmp, de: list[bytes], en: list[bytes], split="train") -> str:
@@ -144,7 +144,7 @@ def elsewhere(tmp, subcommand: str) -> list[str]:
 
 def last_is(tmp, content: bytes) -> list[str]:
     """`--ckpt_path last` where the run's last.ckpt holds `content`."""
-    folder = tmp / "logs" / "tiny" / "checkpoints"
+    folder = tmp / "logs" / "tiny" / "version_0" / "checkpoints"
     folder.mkdir(parents=True)
     (folder / "last.ckpt").write_bytes(content)
     return ["validate", "--config", str(tiny_config(tmp)), "--ckpt_path", "last"]
@@ -297,5 +297,5 @@ def test_disk_full_while_checkpointing(tmp_path, capsys, monkeypatch):
     assert entry(fit(tmp_path, "--trainer.max_steps", 3, "--trainer.val_check_interval", 3)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and err[-1].endswith(".tmp: No space left on device"), err[-5:]
-    checkpoints = tmp_path / "logs" / "tiny" / "checkpoints"
+    checkpoints = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints"
     assert not checkpoints.exists() or not list(checkpoints.iterdir())  # no partial or temporary file is left

@@ -29,7 +29,7 @@ def test_fit_writes_events_config_metrics_and_checkpoints(fitted):
     assert metrics["global_step"] == 6 and metrics["wall_time_s"] > 0
     assert metrics["final"]["val/loss"] == pytest.approx(tags["val/loss"][-1][1], rel=1e-5)
     assert metrics["best"]["val/loss"] == pytest.approx(min(v for _, v in tags["val/loss"]), rel=1e-5)
-    assert (tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt").exists()
+    assert (tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_test_bleu_is_sacrebleu_of_the_predicted_hypotheses(fitted):
@@ -40,7 +40,7 @@ def test_test_bleu_is_sacrebleu_of_the_predicted_hypotheses(fitted):
     from adamoe.data import SyntheticTranslation
 
     tmp, cfg = fitted
-    ckpt = tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt"
+    ckpt = tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     out = train("test", "--config", cfg, "--ckpt_path", ckpt, "--trainer.logger.init_args.version", "bleu-test", cwd=tmp)
     train("predict", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp)
     hyps = (tmp / "pred.txt").read_text().splitlines()
@@ -61,7 +61,7 @@ def test_val_bleu_is_sacrebleu_of_the_decoded_hypotheses(fitted, tmp_path, monke
 
     src, cfg = fitted
     monkeypatch.setattr(TranslationModule, "decode", lambda self, batch, beam: [" ".join(t.split()[:-1]) for t in batch["target"]])
-    cli = main(["validate", "--config", str(cfg), "--ckpt_path", str(src / "logs" / "tiny" / "checkpoints" / "last.ckpt"),
+    cli = main(["validate", "--config", str(cfg), "--ckpt_path", str(src / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"),
                 "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
     refs = SyntheticTranslation(200, 16, 12).load("val")["target"]
     want = sacrebleu.corpus_bleu([" ".join(t.split()[:-1]) for t in refs], [refs]).score
@@ -73,11 +73,10 @@ def test_resume_from_last_continues_the_step_in_the_same_folder(fitted, tmp_path
     from adamoe.cli import entry
 
     src, cfg = fitted
-    ckpts = tmp_path / "logs" / "tiny" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    shutil.copy(src / "logs" / "tiny" / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
     resumed = tmp_path / "logs" / "tiny" / "run"
-    resumed.mkdir()
+    ckpts = resumed / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copy(src / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
     (resumed / "config.yaml").write_text("written by the run that was stopped\n")
     same = (
         "--config",
@@ -107,7 +106,7 @@ def test_load_from_checkpoint_rebuilds_the_configured_model(fitted):
     from adamoe.tasks import TranslationModule
 
     tmp, _ = fitted
-    model = TranslationModule.load_from_checkpoint(tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt")
+    model = TranslationModule.load_from_checkpoint(tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt")
     gates = [layer.gate for layer in model.net.moe_layers()]
     assert gates and all(type(g).__name__ == "AdaptiveGate" and g.threshold == 0.2 for g in gates)
 

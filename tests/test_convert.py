@@ -85,7 +85,7 @@ def dense_run(tmp_path_factory):
     cfg = tiny_config(tmp)
     train("fit", "--config", cfg, "--trainer.max_steps", 2, "--trainer.val_check_interval", 2, "--model.init_args.net.moe_every", 0,
           "--model.init_args.net.ffn_bias", "false", "--trainer.logger.init_args.name", "dense", cwd=tmp)  # fmt: skip
-    return tmp, cfg, tmp / "logs" / "dense" / "checkpoints" / "last.ckpt"
+    return tmp, cfg, tmp / "logs" / "dense" / "version_0" / "checkpoints" / "last.ckpt"
 
 
 def test_a_converted_run_trains_and_resumes(dense_run, tmp_path, caplog):

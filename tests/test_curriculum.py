@@ -136,7 +136,7 @@ def test_resume_mid_epoch_through_train_py_counts_every_sample_once_as_a_recount
     common = ["--config", cfg, "--data.curriculum", "paper", "--trainer.max_epochs", 1, "--trainer.max_steps", -1,
               "--model.optimizer.lr", 1e-30, "--model.net.dropout", 0.0]  # fmt: skip
     train("fit", *common, "--trainer.max_steps", 3, cwd=tmp_path)  # stops mid-epoch, after a checkpoint at step 3
-    ckpt = tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)["TranslationData"]["train_sampler"]
     assert state["consumed"] == 3 and state["epoch"] == 0
     train("fit", *common, "--ckpt_path", "last", "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # last checkpoint at epoch end

@@ -45,7 +45,7 @@ def ddp_run(tmp_path_factory):
 def test_logged_expert_counts_are_the_sum_over_ranks(ddp_run):
     tmp, cfg = ddp_run
     run = tmp / "logs" / "tiny" / "version_0"
-    model = TranslationModule.load_from_checkpoint(tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt").train()
+    model = TranslationModule.load_from_checkpoint(tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt").train()
     dm, ds = train_split(cfg)
     lengths = [max(len(s), len(t)) for s, t in zip(ds["src"], ds["tgt"])]
     tokens, two, load = 0, 0, 0
@@ -118,10 +118,11 @@ def test_routing_analysis_lists_whole_words(ddp_run):
 
 def test_validation_metrics_match_a_single_process(ddp_run):
     tmp, cfg = ddp_run
-    ckpt = tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt"
-    train("validate", "--config", cfg, "--ckpt_path", ckpt, *DDP, cwd=tmp)
-    train("validate", "--config", cfg, "--ckpt_path", ckpt, "--trainer.devices", 1, "--trainer.accelerator", "cpu", cwd=tmp)
-    two, one = (scalars(tmp / "logs" / "tiny" / f"version_{v}") for v in (1, 2))
+    ckpt = tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    version = "--trainer.logger.init_args.version"
+    train("validate", "--config", cfg, "--ckpt_path", ckpt, *DDP, version, "two", cwd=tmp)
+    train("validate", "--config", cfg, "--ckpt_path", ckpt, "--trainer.devices", 1, "--trainer.accelerator", "cpu", version, "one", cwd=tmp)
+    two, one = (scalars(tmp / "logs" / "tiny" / v) for v in ("two", "one"))
     for tag in ("val/loss", "val/bleu"):
         assert two[tag][-1][1] == pytest.approx(one[tag][-1][1], rel=1e-5, abs=1e-6)
 
@@ -130,7 +131,8 @@ def test_curriculum_under_ddp_keeps_one_full_table(tmp_path):
     cfg = tiny_config(tmp_path)
     train("fit", "--config", cfg, *DDP, "--data.curriculum", "paper", "--trainer.max_steps", -1, "--trainer.max_epochs", 2,
           "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # fmt: skip
-    table = torch.load(tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)["TranslationData"]["train_sampler"]
+    ckpt = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    table = torch.load(ckpt, weights_only=True)["TranslationData"]["train_sampler"]
     assert table["epoch"] == 1 and table["order"] == "paper"
     dm = TranslationData(SyntheticTranslation(200, 16, 12), vocab_size=300, cache_dir=str(tmp_path / "cache"))
     dm.setup("fit")
@@ -194,14 +196,14 @@ def test_expert_parallel_fit_checkpoint_validates_the_same_in_one_process(tmp_pa
     assert sorted(waits[0]) == sorted(waits[1]) == list(range(6))
     for step, most in logged["parallel/wait_s_max"]:
         assert most == max(w[step] for w in waits) and 0 < most <= dict(logged["parallel/step_s"])[step]
-    ckpt = tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)
     assert state["state_dict"]["net.encoder.1.ffn.experts.w0_EDF"].shape[0] == 4  # all experts, gathered
     train("validate", "--config", cfg, "--ckpt_path", ckpt, "--trainer.devices", 1, cwd=tmp_path)
-    assert scalars(tmp_path / "logs" / "tiny" / "version_1")["val/loss"][-1][1] == pytest.approx(fit_loss, rel=1e-5)
-    # ... and resumes training on one device, optimizer state included.
+    assert scalars(run / "validate")["val/loss"][-1][1] == pytest.approx(fit_loss, rel=1e-5)
+    # ... and resumes training on one device, optimizer state included, in the same run folder.
     train("fit", "--config", cfg, "--ckpt_path", ckpt, "--trainer.devices", 1, "--trainer.max_steps", 9, cwd=tmp_path)
-    assert json.loads((tmp_path / "logs" / "tiny" / "version_2" / "metrics.json").read_text())["global_step"] == 9
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 9
     # Recount the first step's exchange: rank r holds experts 2r and 2r+1 of every layer.
     model = TranslationModule.load_from_checkpoint(ckpt).train()
     dm, ds = train_split(cfg)
@@ -230,7 +232,7 @@ def test_predict_under_ddp_writes_line_i_for_input_i(ddp_run):
     tmp, cfg = ddp_run
     # The run's weights are the untrained initial ones, which decode every input to the
     # same string; noise makes each input decode differently.
-    state = torch.load(tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = torch.load(tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     g = torch.Generator().manual_seed(0)
     state["state_dict"] = {
         k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state["state_dict"].items()

@@ -62,7 +62,7 @@ def reference(tmp_path_factory):
 
 def test_killed_at_every_stage_resumes_to_the_same_losses(reference, tmp_path):
     cfg = resumable_config(tmp_path)
-    ckpts = tmp_path / "logs" / "tiny" / "checkpoints"
+    ckpts = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints"
     for fault in ("prepare:1", "step:4", "checkpoint:3", "validation:1"):
         before = last_step(ckpts)
         out = run("fit", "--config", cfg, "--ckpt_path", "last", cwd=tmp_path, fault=fault)
@@ -98,7 +98,7 @@ def test_ddp_dead_rank_fails_fast_and_the_resumed_run_is_the_same_run(tmp_path_f
     assert killed.returncode != 0
     # Everything, startup included, ends well inside the collective timeout.
     assert killed.seconds < 120, killed.seconds
-    assert last_step(tmp / "logs" / "tiny" / "checkpoints") == 8
+    assert last_step(tmp / "logs" / "tiny" / "version_0" / "checkpoints") == 8
     out = run(*ddp("fit", "--config", cfg, "--ckpt_path", "last"), cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = losses(tmp / "logs" / "tiny")
@@ -123,7 +123,7 @@ def fit_in_process(*args, tmp_path, capsys) -> tuple[int, str]:
 
 
 def assert_finite_checkpoint_at(tmp_path, step: int):
-    ckpt = torch.load(tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == step
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
 
@@ -232,7 +232,7 @@ def test_kill_at_random_moments_then_resume(tmp_path):
     c = yaml.safe_load(cfg.read_text())
     c["trainer"]["max_steps"] = 10_000
     cfg.write_text(yaml.safe_dump(c))
-    ckpts, rng, kills = tmp_path / "logs" / "tiny" / "checkpoints", random.Random(0), []
+    ckpts, rng, kills = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints", random.Random(0), []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     while len(kills) < 20:
         before = last_step(ckpts)
@@ -256,7 +256,7 @@ def test_signal_saves_the_step_and_resume_gives_the_same_losses(reference, tmp_p
     """Ctrl-C or a scheduler's SIGTERM in step 6: last.ckpt holds steps 0-5 and 6, the process
     says how to resume, and the resumed run's losses are the uninterrupted run's."""
     cfg = resumable_config(tmp_path, **{})
-    ckpts = tmp_path / "logs" / "tiny" / "checkpoints"
+    ckpts = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints"
     out = run("fit", "--config", cfg, cwd=tmp_path, fault=f"{name}:7")
     assert out.returncode == 128 + getattr(signal, name.upper()), out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
@@ -275,7 +275,7 @@ def test_sigterm_to_one_ddp_rank_saves_the_same_step_on_both(tmp_path):
     cfg.write_text(cfg.read_text().replace("save_last_every: 0:00:00", "save_last_every: null"))
     out = run(*ddp("fit", "--config", cfg), cwd=tmp_path, fault="sigterm:5", FAULT_RANK="1")
     assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "logs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     # Rank 1 was signalled in its fifth step: both ranks stop after it, and the one file holds that step.
     assert ckpt["global_step"] == 5
     assert "stopped by" in out.stderr and "--ckpt_path" in out.stderr

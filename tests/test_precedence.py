@@ -59,7 +59,7 @@ def top2(tmp_path_factory):
     train("fit", "--config", cfg, "--trainer.max_steps", 2, "--trainer.val_check_interval", 2,
           "--model.init_args.net.gate.class_path", "adamoe.Top2Gate", "--model.init_args.net.d_model", 16,
           "--model.init_args.net.d_ff", 48, cwd=tmp)  # fmt: skip
-    return tmp, cfg, tmp / "logs" / "tiny" / "checkpoints" / "last.ckpt"
+    return tmp, cfg, tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
 
 
 def without_net_fields(tmp, cfg, *fields) -> str:
@@ -169,7 +169,7 @@ def test_paths_in_a_checkpoints_callback_state_are_not_deleted(top2, tmp_path):
         "best_k_models": {str(victim): torch.tensor(99.0)}, "kth_best_model_path": str(victim), "kth_value": torch.tensor(99.0),
         "best_model_path": str(victim), "best_model_score": torch.tensor(99.0), "last_model_path": str(victim),
     }  # fmt: skip
-    folder = tmp / "logs" / "tiny" / "checkpoints"
+    folder = tmp / "logs" / "tiny" / "version_0" / "checkpoints"
     evil = folder / "evil.ckpt"
     torch.save(state, evil)
     train("fit", "--config", cfg, "--ckpt_path", evil, "--trainer.max_steps", 4, "--trainer.val_check_interval", 2,

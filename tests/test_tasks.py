@@ -1,6 +1,7 @@
 """Encoder-only classification and decoder-only language modelling, end to end and exact."""
 
 import math
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from helpers import scalars, tiny_task_config, train
 
 from adamoe import ClassificationModule, LanguageModelModule
+from adamoe.data import SyntheticSentiment, SyntheticText
 from adamoe.data.batch import collate
 from adamoe.transformer import TransformerConfig
 
@@ -22,13 +24,19 @@ def test_task_trains_then_validates_tests_and_predicts_from_the_checkpoint(task,
     losses = [v for _, v in logged["train/loss"]]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert len(logged["curriculum/spearman"]) == 6  # the curriculum ran on this architecture
-    ckpt = tmp_path / "logs" / task / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "logs" / task / "version_0" / "checkpoints" / "last.ckpt"
     for sub in ("validate", "test"):
         out = train(sub, "--config", cfg, "--ckpt_path", ckpt, cwd=tmp_path)
         assert f"{'val' if sub == 'validate' else 'test'}/loss" in out.stdout
     train("predict", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp_path)
     lines = (tmp_path / "pred.txt").read_text().splitlines()
     assert len(lines) == 12
+    # New text from a file: the same texts give the same outputs as from the split, and a
+    # blank line still gets its line of output.
+    texts = (SyntheticSentiment if task == "classification" else SyntheticText)(400, 16, 12).load("test")["text"]
+    (tmp_path / "new.txt").write_text("\n".join([*texts[:5], "", texts[5]]) + "\n")
+    train("predict", "--config", cfg, "--ckpt_path", ckpt, "--data.predict_file", tmp_path / "new.txt", cwd=tmp_path)
+    assert (tmp_path / "pred.txt").read_text().splitlines() == [*lines[:5], ANY, lines[5]]
     if task == "classification":
         assert set(lines) <= {"0", "1"}
         assert {"val/acc", "val/f1"} <= set(logged)

@@ -12,7 +12,6 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
 
 from adamoe.errors import ConfigError, Interrupted
 
@@ -48,8 +47,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that saves to `<save_dir>/<name>/checkpoints`, the same folder for
-    every version of a run, so that `--ckpt_path last` finds the previous run's last.ckpt.
+    """ModelCheckpoint that a kill or a signal cannot cost more than a little training. It
+    saves into its run's folder, `<save_dir>/<name>/<version>/checkpoints` (Lightning's own
+    default), where `--ckpt_path last` looks for the newest run's last.ckpt.
 
     `save_last_every` (default 30 minutes) also writes `last.ckpt` during an epoch, so
     that a killed run loses at most that much training, however long its epochs. Ctrl-C
@@ -64,13 +64,7 @@ class Checkpoint(ModelCheckpoint):
         self._stopped: Interrupted | None = None
         self._handlers: dict = {}
 
-    def _fix_dirpath(self, trainer):
-        if self.dirpath is None and trainer.loggers:
-            logger = trainer.loggers[0]
-            self.dirpath = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), "checkpoints")
-
     def setup(self, trainer, pl_module, stage):
-        self._fix_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.monitor and hasattr(pl_module, "metric_names"):
             known = pl_module.metric_names()
@@ -82,6 +76,10 @@ class Checkpoint(ModelCheckpoint):
                 stale.unlink(missing_ok=True)
 
     def load_state_dict(self, state_dict):
+        # Another folder is another run (an evaluation, a copied checkpoint): nothing of the
+        # saved bookkeeping applies to it.
+        if self.dirpath and state_dict.get("dirpath") and Path(state_dict["dirpath"]).resolve() != Path(self.dirpath).resolve():
+            return
         # Paths in a checkpoint are data: a file this callback would later delete as a worse
         # top-k checkpoint must lie in its own folder.
         folder = Path(self.dirpath or state_dict.get("dirpath") or ".").resolve()
@@ -193,9 +191,3 @@ class MetricsSummary(Callback):
         if getattr(pl_module, "hparams", {}).get("convert_from"):
             summary["converted_from"] = str(pl_module.hparams.convert_from)
         update_metrics_json(log_dir, summary)
-        ckpt = trainer.checkpoint_callback
-        where = [f"Run logs:    {log_dir}  (metrics.json, config.yaml, TensorBoard events)"]
-        if ckpt is not None and ckpt.dirpath:
-            where.append(f"Checkpoints: {ckpt.dirpath}")
-        where.append(f"Watch it:    tensorboard --logdir {Path(log_dir).parent}")
-        rank_zero_info("\n".join(where))

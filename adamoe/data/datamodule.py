@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from adamoe.data import cache, store
+from adamoe.data import cache, store, text
 from adamoe.data import tokenizer as bpe
 from adamoe.data.batch import collate
 from adamoe.data.batching import ShardedBatchSampler
@@ -54,6 +54,7 @@ class TextData(LightningDataModule):
         shuffle_batches: bool = False,
         bpe_sample: int | None = 2_000_000,
         predict_split: Literal["train", "val", "test"] = "test",
+        predict_file: str | None = None,
         cache_dir: str = "data",
         verify_cache: bool = False,
         num_workers: int = 0,
@@ -75,7 +76,7 @@ class TextData(LightningDataModule):
         self.too_long = too_long
         self.curriculum, self.curriculum_pool, self.shuffle_batches = curriculum, curriculum_pool, shuffle_batches
         self.bpe_sample = bpe_sample
-        self.predict_split = predict_split
+        self.predict_split, self.predict_file = predict_split, predict_file
         self.cache_dir = Path(cache_dir)
         self.verify_cache = verify_cache
         self.num_workers = num_workers
@@ -135,7 +136,10 @@ class TextData(LightningDataModule):
         staging.mkdir(parents=True)
         for split in SPLITS:
             if self.source.chunks(split) is not None:
-                started, bar = time.perf_counter(), tqdm(desc=f"Tokenizing {split}", unit=" samples", unit_scale=True, leave=False)
+                started, bar = (
+                    time.perf_counter(),
+                    tqdm(desc=f"Tokenizing {split}", unit=" samples", unit_scale=True, leave=False, disable=None),
+                )
                 tables = (store.encode(tok, self.prepare_columns(c, split), self.COLUMNS, self.KEEP) for c in self._chunks(split))
                 rows = store.write(staging / f"{split}.arrow", _counted(tables, bar))
                 bar.close()
@@ -187,9 +191,29 @@ class TextData(LightningDataModule):
                 except (pa.ArrowInvalid, OSError) as e:
                     raise DataError(f"{path}: cannot read the cached split ({e}); run again to rebuild the cache") from None
                 self.splits[split] = self._limit_lengths(split, opened)
+        if stage == "predict" and self.predict_file and "predict" not in self.splits:
+            self.splits["predict"] = self._read_inputs(Path(self.predict_file))
         if self.train_sampler is None:
             order = {"none": "length"}.get(self.curriculum, self.curriculum)
             self.train_sampler = self._sampler("train", order, self.curriculum_pool)
+
+    def _read_inputs(self, path: Path) -> store.Split:
+        """New inputs to predict on, one a line (the task's first text column: the source
+        sentence, the text to classify, the prompt), tokenized with the run's tokenizer.
+        Every line gets an output line, blank ones included."""
+        column, side = next(iter(self.COLUMNS.items()))
+        lines = pa.concat_arrays(list(text.line_chunks(path)))
+        split = store.Split(store.encode(self.tokenizer, pa.table({column: lines}), {column: side}, ()), [side])
+        limit = self.max_len[side]
+        long = np.flatnonzero(split.lengths[side] > limit)
+        if long.size and self.too_long != "truncate":
+            raise DataError(
+                f"{path}:{long[0] + 1}: {long.size} of {len(split)} lines are longer than {limit} tokens (this is the first); "
+                "raise the limit or set too_long to 'truncate' (a prediction is made for every line)"
+            )
+        if long.size:
+            split.cut(side, limit)
+        return split
 
     def scan_train(self, chunks):
         """A task that needs a look at the whole training split before tokenizing (e.g. its
@@ -203,7 +227,9 @@ class TextData(LightningDataModule):
         return {"train_sampler": self.train_sampler.state_dict()} if self.train_sampler else {}
 
     def load_state_dict(self, state):
-        if "train_sampler" in state:
+        # Where training stood matters to training alone (an evaluation has no order to resume).
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        if "train_sampler" in state and fitting:
             self.train_sampler.load_state_dict(state["train_sampler"])
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
@@ -240,13 +266,13 @@ class TextData(LightningDataModule):
     def _sampler(self, split: str, order: str, pool: int = 0) -> ShardedBatchSampler:
         ds = self.splits[split]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        lengths = np.maximum.reduce([ds.lengths[side] for side in self.COLUMNS.values()])
+        lengths = np.maximum.reduce(list(ds.lengths.values()))
         shuffle = self.shuffle_batches and split == "train"
         return ShardedBatchSampler(lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank, pool, shuffle)
 
     def _loader(self, split: str, sampler: ShardedBatchSampler) -> DataLoader:
         ds = self.splits[split]
-        columns = [*self.COLUMNS.values(), *self.KEEP]
+        columns = [c for c in dict.fromkeys([*self.COLUMNS.values(), *self.KEEP]) if c in ds.column_names]
         # Its own generator: building a loader must not draw from the global random stream,
         # or a resumed run, which builds loaders at other moments, would draw other dropout masks.
         generator = torch.Generator().manual_seed(self.seed)
@@ -279,7 +305,8 @@ class TextData(LightningDataModule):
         return self._loader("test", self._sampler("test", "sorted"))
 
     def predict_dataloader(self):
-        return self._loader(self.predict_split, self._sampler(self.predict_split, "sorted"))
+        split = "predict" if self.predict_file else self.predict_split
+        return self._loader(split, self._sampler(split, "sorted"))
 
 
 def _counted(tables, bar):

@@ -55,6 +55,8 @@ class ClassificationData(TextData):
     def setup(self, stage=None):
         super().setup(stage)
         for split, ds in self.splits.items():
+            if "label" not in ds.column_names:  # new text to predict on
+                continue
             labels = ds.numbers("label")
             bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
             if bad.size:

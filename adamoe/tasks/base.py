@@ -66,7 +66,7 @@ class MoEModule(LightningModule):
         inference_gate: GateFactory | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable = WarmupInverseSqrt,
-        predict_output: str = "predictions.txt",
+        predict_output: str | None = None,
         expert_parallel: bool = False,
         convert_from: str | None = None,
         convert_experts: ExpertInit = "random",
@@ -137,9 +137,11 @@ class MoEModule(LightningModule):
 
     def _log_metrics(self, stage: str):
         metrics = self.stage_metrics[stage]
-        # compute() sums every metric's state over the ranks, so every rank logs the same
-        # values: sync_dist then averages equal numbers.
-        self.log_dict({f"{stage}/{name}": m.compute() for name, m in metrics.items()}, prog_bar=True, sync_dist=True)
+        # The sanity check's numbers, from untrained weights, would stay in the bar until the
+        # first validation. compute() sums every metric's state over the ranks, so every rank
+        # logs the same values: sync_dist then averages equal numbers.
+        if self._trainer is None or not self.trainer.sanity_checking:
+            self.log_dict({f"{stage}/{name}": m.compute() for name, m in metrics.items()}, prog_bar=True, sync_dist=True)
         for m in metrics.values():
             m.reset()
 
@@ -162,7 +164,7 @@ class MoEModule(LightningModule):
             dist.all_gather_object(gathered, self._predictions)
         self._predictions = []
         if self.trainer.is_global_zero:
-            path = Path(self.hparams.predict_output)
+            path = self.predictions_path
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(line + "\n" for _, line in sorted(p for part in gathered for p in part)))
 
@@ -191,8 +193,11 @@ class MoEModule(LightningModule):
         return {"train/loss", "train/aux_loss"} | {f"{stage}/{name}" for stage in STAGES for name in self.stage_metrics[stage]}
 
     def on_predict_start(self):
-        if Path(self.hparams.predict_output).is_dir():
-            raise ConfigError(f"predict_output {self.hparams.predict_output} is a folder; give a file name")
+        # By default beside the predict run's config, in its own log folder.
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        self.predictions_path = Path(self.hparams.predict_output or Path(log_dir or ".") / "predictions.txt")
+        if self.predictions_path.is_dir():
+            raise ConfigError(f"predict_output {self.predictions_path} is a folder; give a file name")
 
     def setup(self, stage: str):
         # A resumed run's own checkpoint is loaded after this and replaces what it would copy.
