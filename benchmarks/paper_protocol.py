@@ -70,7 +70,7 @@ def jobs(only: list[str] | None, seeds: list[int] | None) -> list[tuple[str, int
 def source(args) -> Path:
     """The dense model every arm starts from: trained once, resumable, summarized."""
     folder = args.logs / "paper" / "dense-source"
-    last = folder / "checkpoints" / "last.ckpt"
+    last = folder / "fit" / "checkpoints" / "last.ckpt"
     summary = args.store / "dense-source.json"
     if summary.exists():
         return last

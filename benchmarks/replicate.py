@@ -103,7 +103,7 @@ def run(name: str, seed: int, args, plan: tuple[list[str], list[str]] | None = N
     common = [*sum((["--config", c] for c in base + gate_configs), []), "--data.source.init_args.root", str(args.data), *extra]
     common += ["--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(args.logs)]
     common += ["--trainer.logger.init_args.name", f"{args.mode}/{tag}", "--trainer.enable_progress_bar", "false", *args.train_args]
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / "fit" / "checkpoints" / "last.ckpt"
     steps, minutes = ("-1", f"00:00:{LONG_MINUTES}:00") if name in LONG and plan is None else (str(args.steps), "null")
     fit = ["fit", *common, "--trainer.logger.init_args.version", "fit", "--trainer.max_steps", steps, "--trainer.max_time", minutes]
     if last.exists():
