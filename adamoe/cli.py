@@ -113,6 +113,7 @@ class AdamoeCLI(LightningCLI):
         for i, arg in enumerate(self._command_line[:-1]):  # jsonargparse's own YAML errors name neither file nor line
             if arg in ("-c", "--config") and Path(self._command_line[i + 1]).is_file():
                 precedence.load_yaml(self._command_line[i + 1])
+                precedence.check_imports(self._command_line[i + 1])
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self):

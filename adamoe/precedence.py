@@ -7,6 +7,8 @@ data and does not choose where the program writes), and a class from a package t
 run does not already use (a class path names code to import).
 """
 
+import importlib
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -73,6 +75,25 @@ def load_yaml(file: str):
         raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from None
     except OSError as e:
         raise ConfigError(f"{file}: {e.strerror}") from None
+
+
+def check_imports(file: str):
+    """Every dotted `class_path` in a YAML file can be imported, or a ConfigError names the
+    file, the line and the import error (which the argument parser reports as a type that
+    does not match, for a gate)."""
+    from adamoe.errors import ConfigError
+
+    for number, line in enumerate(Path(file).read_text().splitlines(), 1):
+        found = re.search(r"class_path:\s*['\"]?([\w.]+)", line)
+        if not found or "." not in found[1]:
+            continue
+        module, _, name = found[1].rpartition(".")
+        try:
+            imported = importlib.import_module(module)
+        except Exception as e:  # whatever the module raised while it was imported
+            raise ConfigError(f"{file}:{number}: class_path {found[1]}: importing {module} failed: {type(e).__name__}: {e}") from None
+        if not hasattr(imported, name):
+            raise ConfigError(f"{file}:{number}: class_path {found[1]}: {module} has no {name}")
 
 
 def _set_by_user(key: Key, users: set[Key]) -> bool:

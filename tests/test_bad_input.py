@@ -263,11 +263,34 @@ CASES |= {
         lambda t, c: with_test_split(t, raw_files(t, b"", b"", split="test")),
         "test.de: empty file",
     ),
+    "gate in a module that fails to import": (
+        lambda t, c: fork_gate(t, "import not_installed_package\n"),
+        "gate.yaml:5: class_path forked_gates.MyGate: importing forked_gates failed: ModuleNotFoundError",
+    ),
+    "gate class missing from its module": (lambda t, c: fork_gate(t, "x = 1\n"), "forked_gates has no MyGate"),
+    "predict file missing": (lambda t, c: predict_file(t, c, None), "new.txt: file not found"),
+    "predict file line too long": (lambda t, c: predict_file(t, c, "ein Hund\n" + "w " * 300 + "\n"), "new.txt:2: 1 of 2 lines are longer"),
     "too long, with file and line": (
         lambda t, c: with_source(t, parallel_files(t, [b"ein", b"zwei"], [b"one", b" ".join([b"w"] * 300)])),
         "train.en.gz:2: train: 1 of 2 samples",
     ),
 }
+
+
+def fork_gate(tmp, module: str) -> list[str]:
+    """A config whose gate lives in a fork's module `forked_gates` with the given text."""
+    (tmp / "forked_gates.py").write_text(module)
+    sys.modules.pop("forked_gates", None)
+    sys.path.insert(0, str(tmp))
+    gate = {"model": {"init_args": {"net": {"gate": {"class_path": "forked_gates.MyGate", "init_args": {}}}}}}
+    (tmp / "gate.yaml").write_text(yaml.safe_dump(gate))
+    return ["fit", "--config", str(tiny_config(tmp)), "--config", str(tmp / "gate.yaml")]
+
+
+def predict_file(tmp, ckpt, text: str | None) -> list[str]:
+    if text is not None:
+        (tmp / "new.txt").write_text(text)
+    return ["predict", "--config", str(tiny_config(tmp)), "--ckpt_path", str(ckpt), "--data.init_args.predict_file", str(tmp / "new.txt")]
 
 
 @pytest.mark.parametrize("case", CASES)
