@@ -1,11 +1,9 @@
 """The `train.py` command line: LightningCLI with the data-to-model links and run defaults."""
 
 import errno
-import logging
 import os
 import re
 import sys
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from adamoe import precedence
+from adamoe import console, precedence, runs
 from adamoe.callbacks import AtomicCheckpointIO, Checkpoint, EpochTimer, NonFiniteGuard, ProgressBar, RoutingAnalysis
 from adamoe.data import TextData
 from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError, read_checkpoint
@@ -25,20 +23,6 @@ from adamoe.tasks import MoEModule
 
 # The trainer, logger and callbacks every run starts from, before any --config.
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
-
-# Said once per epoch by Lightning itself, about its own code.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-# The data module's batch sampler resumes mid-epoch from its own state: the warning does not apply.
-warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
-# Every new run has a folder of its own: a full checkpoint folder is the run being resumed.
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-# `Checkpoint` checks its monitor against the task's metrics before the first step; this
-# one is said again by every run that ends before its first validation.
-warnings.filterwarnings("ignore", message=r".*ModelCheckpoint\(monitor=.*could not find the monitored key")
-# The batch sampler yields every sample of the predicted split (a test checks each line).
-warnings.filterwarnings("ignore", message=r".*custom batch sampler .* for prediction")
-# An advertisement, said at every start.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
 class OneLineErrors(LightningArgumentParser):
@@ -127,8 +111,8 @@ class AdamoeCLI(LightningCLI):
             return
         ckpt = self.config[subcommand].get("ckpt_path")
         if ckpt == "last":
-            ckpt = self._resolve_last(subcommand)
-        self._place_logs(subcommand, ckpt)
+            ckpt = runs.resolve_last(self.config[subcommand], subcommand)
+        runs.place_logs(self.config[subcommand], subcommand, ckpt)
         if not ckpt or not Path(ckpt).is_file():
             return
         hparams = read_checkpoint(ckpt).get("hyper_parameters", {})
@@ -152,59 +136,6 @@ class AdamoeCLI(LightningCLI):
         if unused:
             rank_zero_info(f"{Path(ckpt).name}: the config overrides its saved {'; '.join(unused)}")
         self.config = self.parser.parse_object({subcommand: {"model": {"class_path": wanted or saved, "init_args": merged}}}, self.config)
-
-    @staticmethod
-    def _logger_args(config):
-        """The logger's init_args when it is one with a save_dir and a name (TensorBoard, CSV)."""
-        logger = config.trainer.get("logger")
-        init = logger.get("init_args") if logger and not isinstance(logger, bool) and hasattr(logger, "get") else None
-        return init if init is not None and "name" in init else None
-
-    def _resolve_last(self, subcommand: str) -> str | None:
-        """`--ckpt_path last`: the last.ckpt of the newest run of this name (or of the logger's
-        version, or in `checkpoint.dirpath`, where set). Fit without one starts afresh;
-        evaluating random weights would be no evaluation."""
-        config = self.config[subcommand]
-        init = self._logger_args(config)
-        if config.get("checkpoint", {}).get("dirpath"):
-            found = [Path(config.checkpoint.dirpath) / "last.ckpt"]
-            where = config.checkpoint.dirpath
-        elif init is not None:
-            runs = Path(init.get("save_dir") or ".") / str(init.get("name") or "")
-            version = init.get("version")
-            pattern = "*" if version is None else version if isinstance(version, str) else f"version_{version}"
-            found = sorted(runs.glob(f"{pattern}/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-            where = runs if version is None else runs / pattern
-        else:
-            found, where = [], "the run's log folder (this logger has none)"
-        last = found[-1] if found and found[-1].is_file() else None
-        if last is not None:
-            config.ckpt_path = str(last)
-            return str(last)
-        if subcommand != "fit":
-            raise CheckpointError(f"--ckpt_path last: no run with a last.ckpt in {where}; {subcommand} needs trained weights")
-        rank_zero_info(f"--ckpt_path last: no run with a last.ckpt in {where} yet; starting a new run")
-        config.ckpt_path = None
-        return None
-
-    def _place_logs(self, subcommand: str, ckpt: str | None):
-        """One folder per run, checkpoints inside it: a resumed fit logs into the run it
-        resumes, so that its curves go on where they stopped; validate, test and predict
-        log into a folder named for them, inside the checkpoint's run when it is one of
-        this logger's, rather than into a new version of their own. A version set in the
-        config is kept."""
-        init = self._logger_args(self.config[subcommand])
-        if init is None or init.get("version") is not None:
-            return
-        runs = (Path(init.get("save_dir") or ".") / str(init.get("name") or "")).resolve()
-        path = Path(ckpt).resolve() if ckpt and Path(ckpt).is_file() else None
-        run = path.parent.parent if path is not None and path.parent.name == "checkpoints" else None
-        run = run if run is not None and run.parent == runs else None
-        if subcommand == "fit":
-            if run is not None:
-                init.version = run.name
-        else:
-            init.version = f"{run.name}/{subcommand}" if run is not None else subcommand
 
     def _check_run(self):
         """What would otherwise fail late, or deep inside a library."""
@@ -287,7 +218,7 @@ def entry(args=None) -> int:
     """`train.py`: a mistake in the config, the data or a checkpoint, or a run that cannot
     go on, ends with one line that names the culprit and exit status 2, not a traceback.
     Set ADAMOE_TRACEBACK=1 to see the traceback."""
-    _say_each_warning_once()
+    console.say_each_warning_once()
     try:
         main(args)
     except Exception as e:
@@ -305,23 +236,6 @@ def entry(args=None) -> int:
             )
         raise
     return 0
-
-
-def _say_each_warning_once():
-    """Lightning repeats some warnings every epoch, when it rebuilds the loaders, with other
-    numbers in them (and Python's own once-per-place record is reset whenever any library
-    touches the warning filters): show each place's warning once per run."""
-    if getattr(warnings.showwarning, "once_per_place", False):  # entry() ran before in this process
-        return
-    shown, show = set(), warnings.showwarning
-
-    def once(message, category, filename, lineno, file=None, line=None):
-        if (category, filename, lineno) not in shown:
-            shown.add((category, filename, lineno))
-            show(message, category, filename, lineno, file, line)
-
-    once.once_per_place = True
-    warnings.showwarning = once
 
 
 def _lost_peer(e: BaseException) -> bool:

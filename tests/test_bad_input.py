@@ -115,7 +115,7 @@ CASES = {
     "checkpoint does not exist": (lambda t, c: fit(t, "--ckpt_path", t / "missing.ckpt"), "missing.ckpt: no such checkpoint file"),
     # `last` is looked up, not read for its arguments: the config's model meets the checkpoint.
     "checkpoint of another model size": (
-        lambda t, c: ["fit", "--config", str(c.parents[3] / "tiny.yaml"), "--model.init_args.net.d_ff", "48", "--ckpt_path", "last"],
+        lambda t, c: ["fit", "--config", str(c.parents[4] / "tiny.yaml"), "--model.init_args.net.d_ff", "48", "--ckpt_path", "last"],
         "checkpoint does not fit this model",
     ),
     "checkpoint of another task": (
@@ -221,7 +221,7 @@ CASES |= {
         lambda t, c: fit(t, "--model.init_args.net.num_decoder_layers", 0),
         "TranslationModule needs an encoder and a decoder",
     ),
-    "validate last without a checkpoint": (lambda t, c: elsewhere(t, "validate"), "no last.ckpt in"),
+    "validate last without a checkpoint": (lambda t, c: elsewhere(t, "validate"), "no run with a last.ckpt in"),
     "test last without a checkpoint": (lambda t, c: elsewhere(t, "test"), "test needs trained weights"),
     "predict last without a checkpoint": (lambda t, c: elsewhere(t, "predict"), "predict needs trained weights"),
     "mistyped checkpoint monitor": (lambda t, c: fit(t, "--checkpoint.monitor", "val/los"), "checkpoint.monitor 'val/los' is not logged"),

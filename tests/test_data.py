@@ -228,3 +228,28 @@ def test_cache_is_rebuilt_when_anything_it_depends_on_changes(tmp_path, monkeypa
 def test_a_byte_order_mark_is_not_text(tmp_path):
     src = parallel(tmp_path, de=b"\xef\xbb\xbfein Hund\nzwei\n", en="a dog\ntwo\n")
     assert src.load("train")["source"] == ["ein Hund", "zwei"]
+
+
+def test_word_labels_land_on_the_first_piece_of_each_word():
+    texts = ["der hund sieht die katze", "ein unbekanntesxwort und mehr", "a"]
+    tok = bpe.train_bpe(texts * 3, vocab_size=60)
+    for text in texts:
+        words = text.split()
+        ids = tok.encode(text).ids
+        labels = list(range(10, 10 + len(words)))
+        aligned = bpe.align_labels(tok, ids, labels)
+        # Reference: each word encoded alone gives its number of pieces; </s> comes last.
+        pieces = [len(tok.encode(w, add_special_tokens=False).ids) for w in words]
+        expected = [x for label, n in zip(labels, pieces) for x in [label] + [-100] * (n - 1)] + [-100]
+        assert aligned == expected, (text, tok.encode(text).tokens)
+    assert max(len(tok.encode(w, add_special_tokens=False).ids) for w in texts[1].split()) > 1  # a word of several pieces
+    with pytest.raises(ValueError, match="2 labels for a text of 5 words"):
+        bpe.align_labels(tok, tok.encode(texts[0]).ids, [0, 1])
+
+
+def test_lists_of_labels_are_padded_with_the_ignored_value():
+    from adamoe.data.batch import IGNORE_ID, collate
+
+    batch = collate([0, 1], {"src": [[5, 6, 2], [7, 2]], "tags": [[1, -100, 2], [0, -100]]})
+    assert batch["tags"].tolist() == [[1, -100, 2], [0, -100, IGNORE_ID]]
+    assert batch["tags"].shape == batch["src"].shape

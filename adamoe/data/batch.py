@@ -10,6 +10,9 @@ from torch import Tensor
 
 from adamoe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
+# Pads per-token label columns: the value F.cross_entropy and torchmetrics skip (ignore_index).
+IGNORE_ID = -100
+
 
 class Batch(TypedDict, total=False):
     """What a task's step receives; a data module fills the keys its task has. Sequences
@@ -23,10 +26,12 @@ class Batch(TypedDict, total=False):
     tgt_pad: Tensor  # [B, S] True at padding of tgt_out
     label: Tensor  # [B] class ids
     target: list[str]  # reference texts, for BLEU
+    # A task's own columns: per-sample values become [B], lists of numbers [B, L] padded with IGNORE_ID.
 
 
-def _pad(rows: list[Sequence[int]]) -> Tensor:
-    out = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)
+def _pad(rows: list[Sequence], value: int = PAD_ID) -> Tensor:
+    first = torch.as_tensor(rows[0])
+    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long if not first.is_floating_point() else first.dtype)
     for i, ids in enumerate(rows):
         out[i, : len(ids)] = torch.as_tensor(ids)
     return out
@@ -51,6 +56,8 @@ def collate(indices: Sequence[int], columns: dict[str, list]) -> Batch:
             batch.update(tgt_in=tgt_in, tgt_out=tgt_out, tgt_pad=tgt_pad)
         elif rows and isinstance(rows[0], str):
             batch[name] = rows
+        elif rows and isinstance(rows[0], (list, tuple)):
+            batch[name] = _pad(rows, IGNORE_ID)
         else:
             batch[name] = torch.as_tensor(rows)
     return batch
@@ -65,4 +72,4 @@ def token_counts(batch: Batch) -> tuple[Tensor, Tensor]:
     return src, tgt
 
 
-__all__ = ["Batch", "EOS_ID", "collate", "token_counts"]
+__all__ = ["Batch", "EOS_ID", "IGNORE_ID", "collate", "token_counts"]

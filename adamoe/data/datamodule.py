@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from adamoe.data import cache, store, text
+from adamoe.data import cache, store
 from adamoe.data import tokenizer as bpe
 from adamoe.data.batch import collate
 from adamoe.data.batching import ShardedBatchSampler
@@ -134,13 +134,17 @@ class TextData(LightningDataModule):
         cache.remove_orphans(self.dataset_dir)
         staging = self.dataset_dir.with_name(f".{self.dataset_dir.name}.{os.getpid()}.tmp")
         staging.mkdir(parents=True)
+        self.tokenizer = tok  # for `tokenized`
         for split in SPLITS:
             if self.source.chunks(split) is not None:
                 started, bar = (
                     time.perf_counter(),
                     tqdm(desc=f"Tokenizing {split}", unit=" samples", unit_scale=True, leave=False, disable=None),
                 )
-                tables = (store.encode(tok, self.prepare_columns(c, split), self.COLUMNS, self.KEEP) for c in self._chunks(split))
+                tables = (
+                    self.tokenized(store.encode(tok, self.prepare_columns(c, split), self.COLUMNS, self.KEEP), split)
+                    for c in self._chunks(split)
+                )
                 rows = store.write(staging / f"{split}.arrow", _counted(tables, bar))
                 bar.close()
                 rank_zero_info(f"Tokenized {split}: {rows:,} samples in {time.perf_counter() - started:.0f} s")
@@ -190,30 +194,15 @@ class TextData(LightningDataModule):
                     opened = store.Split.open(path, self.COLUMNS.values())
                 except (pa.ArrowInvalid, OSError) as e:
                     raise DataError(f"{path}: cannot read the cached split ({e}); run again to rebuild the cache") from None
-                self.splits[split] = self._limit_lengths(split, opened)
+                self.splits[split] = store.limit_lengths(opened, split, self.max_len, self.too_long, self._locate)
         if stage == "predict" and self.predict_file and "predict" not in self.splits:
-            self.splits["predict"] = self._read_inputs(Path(self.predict_file))
+            column, side = next(iter(self.COLUMNS.items()))  # the input: a source sentence, a text, a prompt
+            self.splits["predict"] = store.read_inputs(
+                Path(self.predict_file), self.tokenizer, column, side, self.max_len[side], self.too_long == "truncate"
+            )
         if self.train_sampler is None:
             order = {"none": "length"}.get(self.curriculum, self.curriculum)
             self.train_sampler = self._sampler("train", order, self.curriculum_pool)
-
-    def _read_inputs(self, path: Path) -> store.Split:
-        """New inputs to predict on, one a line (the task's first text column: the source
-        sentence, the text to classify, the prompt), tokenized with the run's tokenizer.
-        Every line gets an output line, blank ones included."""
-        column, side = next(iter(self.COLUMNS.items()))
-        lines = pa.concat_arrays(list(text.line_chunks(path)))
-        split = store.Split(store.encode(self.tokenizer, pa.table({column: lines}), {column: side}, ()), [side])
-        limit = self.max_len[side]
-        long = np.flatnonzero(split.lengths[side] > limit)
-        if long.size and self.too_long != "truncate":
-            raise DataError(
-                f"{path}:{long[0] + 1}: {long.size} of {len(split)} lines are longer than {limit} tokens (this is the first); "
-                "raise the limit or set too_long to 'truncate' (a prediction is made for every line)"
-            )
-        if long.size:
-            split.cut(side, limit)
-        return split
 
     def scan_train(self, chunks):
         """A task that needs a look at the whole training split before tokenizing (e.g. its
@@ -222,6 +211,12 @@ class TextData(LightningDataModule):
     def prepare_columns(self, chunk: pa.Table, split: str) -> pa.Table:
         """Task-specific conversion of a raw chunk before tokenizing."""
         return chunk
+
+    def tokenized(self, table: pa.Table, split: str) -> pa.Table:
+        """Task-specific conversion of a tokenized chunk, with `self.tokenizer` at hand: for
+        columns that follow the tokens, such as word labels turned into token labels
+        (`adamoe.data.tokenizer.align_labels`)."""
+        return table
 
     def state_dict(self):
         return {"train_sampler": self.train_sampler.state_dict()} if self.train_sampler else {}
@@ -239,26 +234,8 @@ class TextData(LightningDataModule):
             self.train_sampler.consumed += 1
         return batch
 
-    def _limit_lengths(self, split: str, ds: store.Split) -> store.Split:
-        for side, limit in self.max_len.items():
-            long = np.flatnonzero(ds.lengths[side] > limit)
-            if not long.size:
-                continue
-            kind = "source" if side == "src" else "target"
-            what = f"{split}: {long.size} of {len(ds)} samples ({long.size / len(ds):.2%}) have a {kind} longer than {limit} tokens"
-            if self.too_long == "error":
-                first = int(long[0] if ds.rows is None else ds.rows[long[0]])
-                column = next(c for c, s in self.COLUMNS.items() if s == side)
-                raise DataError(
-                    f"{self.source.locate(split, first, column)}: {what} (this is the first). "
-                    "Raise the limit, or set too_long to 'filter' or 'truncate'"
-                )
-            rank_zero_info(f"{what}: {'filtered out' if self.too_long == 'filter' else 'truncated'}")
-            if self.too_long == "filter":
-                ds.keep(ds.lengths[side] <= limit)
-            else:
-                ds.cut(side, limit)
-        return ds
+    def _locate(self, split: str, index: int, side: str) -> str:
+        return self.source.locate(split, index, next(c for c, s in self.COLUMNS.items() if s == side))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
+from adamoe.data import text
 from adamoe.data.tokenizer import EOS_ID
+from adamoe.errors import DataError
 
 
 def encode(tokenizer: Tokenizer, chunk: pa.Table, columns: dict[str, str], keep: Iterable[str]) -> pa.Table:
@@ -61,6 +64,45 @@ def token_ids(tokenizer: Tokenizer, texts: pa.Array) -> pa.ListArray:
     step = np.arange(int(per_word.sum())) - np.repeat(before, per_word)
     values[np.repeat(start, per_word) + step] = flat[np.repeat(first, per_word) + step]
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def limit_lengths(ds: "Split", split: str, max_len: dict[str, int], too_long: str, locate) -> "Split":
+    """Apply each side's length limit as `too_long` says ("error", "filter", "truncate");
+    `locate(split, index, side)` names a sample's file and line for the error."""
+    for side, limit in max_len.items():
+        long = np.flatnonzero(ds.lengths[side] > limit)
+        if not long.size:
+            continue
+        kind = "source" if side == "src" else "target"
+        what = f"{split}: {long.size} of {len(ds)} samples ({long.size / len(ds):.2%}) have a {kind} longer than {limit} tokens"
+        if too_long == "error":
+            first = int(long[0] if ds.rows is None else ds.rows[long[0]])
+            raise DataError(
+                f"{locate(split, first, side)}: {what} (this is the first). Raise the limit, or set too_long to 'filter' or 'truncate'"
+            )
+        rank_zero_info(f"{what}: {'filtered out' if too_long == 'filter' else 'truncated'}")
+        if too_long == "filter":
+            ds.keep(ds.lengths[side] <= limit)
+        else:
+            ds.cut(side, limit)
+    return ds
+
+
+def read_inputs(path: Path, tokenizer: Tokenizer, column: str, side: str, limit: int, truncate: bool) -> "Split":
+    """A text file of new inputs, one a line, as a split of `side` token ids. Every line is
+    an input, blank ones included (each gets its line of output); a line of more than
+    `limit` tokens is cut there, or refused with its line number."""
+    lines = pa.concat_arrays(list(text.line_chunks(path)))
+    split = Split(encode(tokenizer, pa.table({column: lines}), {column: side}, ()), [side])
+    long = np.flatnonzero(split.lengths[side] > limit)
+    if long.size and not truncate:
+        raise DataError(
+            f"{path}:{long[0] + 1}: {long.size} of {len(split)} lines are longer than {limit} tokens (this is the first); "
+            "raise the limit or set too_long to 'truncate' (a prediction is made for every line)"
+        )
+    if long.size:
+        split.cut(side, limit)
+    return split
 
 
 def write(path: Path, tables: Iterable[pa.Table]) -> int:

@@ -29,6 +29,23 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     return tok
 
 
+def word_starts(tokenizer: Tokenizer, ids: Iterable[int]) -> list[bool]:
+    """Which tokens begin a word (pieces are marked with WORD_START at a word's start)."""
+    return [(tokenizer.id_to_token(i) or "").startswith(WORD_START) for i in ids]
+
+
+def align_labels(tokenizer: Tokenizer, ids: list[int], word_labels: list[int], ignore: int = -100) -> list[int]:
+    """Word-level labels on a text's token ids: each word's label on its first piece,
+    `ignore` on its other pieces and on </s>, so that a loss counts every word once."""
+    starts = [i for i, start in enumerate(word_starts(tokenizer, ids)) if start]
+    if len(starts) != len(word_labels):
+        raise ValueError(f"{len(word_labels)} labels for a text of {len(starts)} words")
+    out = [ignore] * len(ids)
+    for position, label in zip(starts, word_labels):
+        out[position] = label
+    return out
+
+
 def load_or_train(path: Path, texts: Iterable[str], vocab_size: int) -> tuple[Tokenizer, bool]:
     """The tokenizer cached at `path`, or a new one trained on `texts` and saved there.
     Returns it and whether it came from the cache."""
