@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,3 +117,40 @@ def test_translation_losses_are_those_of_the_projected_logits():
     flat, target = logits.flatten(0, 1), b["tgt_out"].flatten()
     torch.testing.assert_close(smoothed, F.cross_entropy(flat, target, ignore_index=m.hparams.pad_id, label_smoothing=0.2))
     torch.testing.assert_close(logged["nll"], F.cross_entropy(flat, target, ignore_index=m.hparams.pad_id))
+
+
+def test_a_schedule_in_shares_of_the_run_follows_the_trainers_limits(tmp_path):
+    from helpers import scalars, tiny_config, train
+
+    cosine = "{class_path: adamoe.schedulers.WarmupCosine, init_args: {warmup_steps: 0.25, min_ratio: 0.0}}"
+    train("fit", "--config", tiny_config(tmp_path), "--trainer.max_steps", 8, "--model.init_args.lr_scheduler", cosine, cwd=tmp_path)
+    lrs = [v for _, v in scalars(tmp_path / "logs" / "tiny" / "version_0")["lr-AdamW"]]
+    peak = 1e-3  # AdamW's default, which the tiny config keeps
+    # 8 steps: a warmup of 2, then a cosine toward 0 over the other 6.
+    expected = [peak * r for r in (0.5, 1.0, *(0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)))]
+    assert lrs == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_run_limited_by_time_is_as_long_as_its_first_steps_pace_allows():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from adamoe.schedulers import WarmupInverseSqrt, estimate_length
+
+    class Clock(Timer):
+        def time_elapsed(self, stage="train"):
+            return 10.0
+
+        def time_remaining(self, stage="train"):
+            return 40.0
+
+    timed = SimpleNamespace(estimated_stepping_batches=float("inf"), callbacks=[Clock(duration="00:00:00:50")])
+    assert estimate_length(timed, 20) == 20 + 80  # 0.5 s a step, 40 s left
+    assert estimate_length(SimpleNamespace(estimated_stepping_batches=60, callbacks=timed.callbacks), 20) == 60  # steps end it first
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = WarmupInverseSqrt(opt, warmup_steps=0.1)
+    sched.total_steps = 100
+    again = WarmupInverseSqrt(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), warmup_steps=0.1)
+    again.load_state_dict(sched.state_dict())  # a resumed run keeps the estimate
+    assert again.total_steps == 100 and again.warmup() == 10

@@ -12,12 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
+from adamoe import schedulers
 from adamoe.convert import ExpertInit, convert
 from adamoe.data.batch import Batch
 from adamoe.errors import CheckpointError, ConfigError, read_checkpoint
 from adamoe.gates import Routing
 from adamoe.parallel import expert_group, gather_experts, parallelize_experts, record_parameter_names, slice_experts
-from adamoe.schedulers import WarmupInverseSqrt
+from adamoe.schedulers import RunSchedule, WarmupInverseSqrt
 from adamoe.transformer import GateFactory, Transformer, TransformerConfig
 
 STAGES = ("val", "test")
@@ -176,7 +177,17 @@ class MoEModule(LightningModule):
         rates = [g["lr"] for g in optimizer.param_groups if not g["lr"] > 0]
         if rates:
             raise ConfigError(f"the learning rate must be positive, got {rates[0]} ({type(optimizer).__name__})")
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, RunSchedule) and scheduler.run_length:
+            scheduler.set_length(schedulers.run_length(self.trainer))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, RunSchedule) and scheduler.run_length and self.global_step == schedulers.ESTIMATE_AFTER:
+            # Rank 0's clock decides: every rank must follow one schedule.
+            scheduler.set_length(self.trainer.strategy.broadcast(schedulers.estimate_length(self.trainer, self.global_step)))
+            rank_zero_info(f"The learning-rate schedule spans {scheduler.total_steps} steps (warmup {scheduler.warmup()})")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, because
