@@ -148,3 +148,25 @@ def test_keep_freed_memory_keeps_a_freed_buffer_for_reuse():
     # glibc's default maps a 64 MB buffer and unmaps it when freed; after the call it comes from the heap and stays there.
     assert (int(mapped_before), int(kept_before) < 64) == (64, True)
     assert (applied, int(mapped_after), int(kept_after) >= 64) == ("True", 0, True)
+
+
+def test_tensorboard_opens_on_charts_that_have_data_and_the_heatmap_follows_its_interval(tmp_path):
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from adamoe.callbacks.summary import LAYOUT
+
+    every = "--trainer.callbacks.init_args.heatmap_every_n_steps"
+    train("fit", "--config", tiny_config(tmp_path), "--trainer.callbacks+", "adamoe.callbacks.ExpertStats", every, 2, cwd=tmp_path)
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    ea = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0})
+    ea.Reload()
+    assert "custom_scalars__config__" in ea.Tags()["tensors"]
+    tags = ea.Tags()["scalars"]
+    for group in LAYOUT.values():
+        for chart, (_, patterns) in group.items():
+            assert any(re.search(p, t) for p in patterns for t in tags), chart  # no empty chart
+    # The base config's ExpertStats draws at epoch end; the added one every 2 steps of 6.
+    steps = [e.step for e in ea.Images("experts/load_heatmap")]
+    assert {2, 4, 6} <= set(steps), steps

@@ -60,6 +60,7 @@ def reference(tmp_path_factory):
     return losses(tmp / "logs" / "tiny")
 
 
+@pytest.mark.slow  # minutes: the CI budget leaves them to `-m slow`
 def test_killed_at_every_stage_resumes_to_the_same_losses(reference, tmp_path):
     cfg = resumable_config(tmp_path)
     ckpts = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints"
@@ -87,6 +88,7 @@ def ddp(*args):
     return [*args, "--trainer.accelerator", "cpu", "--trainer.devices", 2, "--trainer.strategy", "ddp"]
 
 
+@pytest.mark.slow  # minutes: the CI budget leaves them to `-m slow`
 def test_ddp_dead_rank_fails_fast_and_the_resumed_run_is_the_same_run(tmp_path_factory):
     ref_dir, tmp = tmp_path_factory.mktemp("ddp-reference"), tmp_path_factory.mktemp("ddp-killed")
     out = run(*ddp("fit", "--config", resumable_config(ref_dir)), cwd=ref_dir)

@@ -23,6 +23,7 @@ def regression(tmp_path, monkeypatch):
     return path
 
 
+@pytest.mark.slow  # the tagging test below trains a fork through train.py within the CI budget
 def test_a_task_outside_the_package_trains_through_train_py(regression, tmp_path):
     import regression as fork
 

@@ -5,10 +5,11 @@ from adamoe.callbacks.faults import NonFiniteGuard, RandomState
 from adamoe.callbacks.memory import KeepFreedMemory, keep_freed_memory
 from adamoe.callbacks.run import AtomicCheckpointIO, Checkpoint, MetricsSummary
 from adamoe.callbacks.stats import ExpertStats
-from adamoe.callbacks.summary import ParameterSummary, ProgressBar
+from adamoe.callbacks.summary import ParameterSummary, ProgressBar, TensorBoardLayout
 from adamoe.callbacks.timing import CollectiveWait, EpochTimer
 
 __all__ = [
     "AtomicCheckpointIO", "Budget", "Checkpoint", "CollectiveWait", "Curriculum", "EpochTimer", "ExpertStats", "KeepFreedMemory",
-    "MetricsSummary", "NonFiniteGuard", "ParameterSummary", "ProgressBar", "RandomState", "RoutingAnalysis", "keep_freed_memory",
+    "MetricsSummary", "NonFiniteGuard", "ParameterSummary", "ProgressBar", "RandomState", "RoutingAnalysis", "TensorBoardLayout",
+    "keep_freed_memory",
 ]  # fmt: skip

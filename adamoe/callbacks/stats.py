@@ -1,5 +1,6 @@
 """Expert statistics: what the routers did, summed over steps and DDP ranks."""
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback
 from torch import Tensor
@@ -55,14 +56,18 @@ class ExpertStats(Callback):
     """What the routers did, per MoE layer and for the model, every `log_every_n_steps`
     and per epoch (`_epoch`), from the routing each training step returned, summed over
     steps and DDP ranks; with expert parallelism also the straggler and all-to-all bytes.
-    At epoch end, the expert-load heatmap and the paper's Figure 2. See the README's
-    "Watching a run" for the list of scalars."""
+    At epoch end, the paper's Figure 2, and the expert-load heatmap: each cell the share of
+    a layer's assignments that an expert took, in percent, coloured by its distance from
+    the even share (white), every `heatmap_every_n_steps` or, by default, every epoch."""
+
+    def __init__(self, heatmap_every_n_steps: int | None = None):
+        self.heatmap_every_n_steps = heatmap_every_n_steps
 
     def on_fit_start(self, trainer, pl_module):
         self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts no epoch
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.step_counts = self.epoch_counts = None
+        self.step_counts = self.epoch_counts = self.heat_counts = None
         self.step_tokens = self.epoch_tokens = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
         self.batches = 0
 
@@ -71,6 +76,13 @@ class ExpertStats(Callback):
         tokens = torch.stack([t.sum() for t in token_counts(batch)]).double()
         self.step_counts = counts if self.step_counts is None else self.step_counts + counts
         self.epoch_counts = counts if self.epoch_counts is None else self.epoch_counts + counts
+        self.heat_counts = counts if self.heat_counts is None else self.heat_counts + counts
+        every = self.heatmap_every_n_steps
+        if every and counts is not None and trainer.global_step % every == 0:
+            total = trainer.strategy.reduce(self.heat_counts.clone(), reduce_op="sum")  # every rank takes part
+            if trainer.is_global_zero:
+                self._heatmap(trainer, pl_module.net.moe_layer_names, total)
+            self.heat_counts = None
         self.step_tokens = self.step_tokens + tokens
         self.epoch_tokens = self.epoch_tokens + tokens
         self.batches += 1
@@ -114,6 +126,27 @@ class ExpertStats(Callback):
                     experiment.add_histogram(f"experts/{name}/tokens_per_expert{suffix}", counts[i, FIELDS:].cpu(), trainer.global_step)
         return counts
 
+    def _heatmap(self, trainer, names, counts):
+        if not hasattr(getattr(trainer.logger, "experiment", None), "add_figure"):
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import TwoSlopeNorm
+
+        load = counts[:, FIELDS:].cpu()
+        share = (load / load.sum(1, keepdim=True).clamp_min(1)).numpy()
+        E = load.shape[1]
+        fig, ax = plt.subplots(figsize=(max(5, 1.5 + 0.6 * E), max(3, 1 + 0.45 * len(names))), layout="constrained")
+        im = ax.imshow(share, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1 / E, vmin=0, vmax=max(2 / E, share.max())), aspect="auto")
+        for (row, col), value in np.ndenumerate(share):
+            ax.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+        ax.set(xticks=range(E), xticklabels=[str(e) for e in range(E)], yticks=range(len(names)), yticklabels=names)
+        ax.set(xlabel="expert", title=f"% of each layer's assignments per expert (even: {100 / E:.1f}%, white)")
+        fig.colorbar(im, ax=ax)
+        trainer.logger.experiment.add_figure("experts/load_heatmap", fig, trainer.global_step)
+
     def _figures(self, trainer, names, counts):
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_figure"):
@@ -123,15 +156,8 @@ class ExpertStats(Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        load = counts[:, FIELDS:].cpu()
-        share = (load / load.sum(1, keepdim=True).clamp_min(1)).numpy()
-        fig, ax = plt.subplots(figsize=(max(5, 1.5 + 0.4 * load.shape[1]), max(3, 1 + 0.4 * len(names))), layout="constrained")
-        im = ax.imshow(share, cmap="viridis", aspect="auto")
-        E = load.shape[1]
-        ax.set(xticks=range(E), xticklabels=[str(e) for e in range(E)], yticks=range(len(names)), yticklabels=names)
-        ax.set(xlabel="expert", title="share of assignments per expert")
-        fig.colorbar(im, ax=ax)
-        experiment.add_figure("experts/load_heatmap", fig, trainer.global_step)
+        if not self.heatmap_every_n_steps:
+            self._heatmap(trainer, names, counts)
         two = (counts[:, TWO_EXPERT] / counts[:, TOKENS].clamp_min(1)).cpu().numpy()
         fig, ax = plt.subplots(figsize=(max(5, 1 + 0.6 * len(names)), 3.5), layout="constrained")
         ax.bar(names, two)

@@ -1,4 +1,4 @@
-"""What the console shows of a run: the model's size once, then a progress bar."""
+"""What a user sees of a run: the model's size once, a progress bar, and TensorBoard's first page."""
 
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import RichProgressBar
@@ -36,3 +36,33 @@ class ProgressBar(RichProgressBar):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
         return items
+
+
+# TensorBoard's custom-scalars page: the charts to look at first, one group per row. Each
+# chart gathers the tags that match its patterns, so a task shows the metrics it has.
+LAYOUT = {
+    "Training": {
+        "loss": ["Multiline", [r"^train/loss$", r"^val/loss$"]],
+        "quality": ["Multiline", [r"^val/(bleu|acc|f1|ppl|mse)$"]],
+        "learning rate": ["Multiline", [r"^lr-"]],
+    },
+    "Experts": {
+        "experts per token": ["Multiline", [r"^experts/[^/]+/experts_per_token$"]],
+        "load imbalance (max/mean)": ["Multiline", [r"^experts/[^/]+/load_imbalance$"]],
+        "auxiliary loss": ["Multiline", [r"^train/aux_loss$"]],
+    },
+}
+
+
+class TensorBoardLayout(Callback):
+    """Writes `LAYOUT` (or `layout`) as TensorBoard's custom-scalars page, which opens on
+    loss, quality, learning rate, experts per token and load imbalance rather than on
+    the alphabetical list of every tag."""
+
+    def __init__(self, layout: dict | None = None):
+        self.layout = layout or LAYOUT
+
+    def on_fit_start(self, trainer, pl_module):
+        experiment = getattr(trainer.logger, "experiment", None)
+        if trainer.is_global_zero and hasattr(experiment, "add_custom_scalars"):
+            experiment.add_custom_scalars(self.layout)
