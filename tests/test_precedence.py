@@ -137,12 +137,13 @@ def test_a_checkpoint_cannot_choose_where_predictions_go(top2, tmp_path):
     victim.write_text("keep me\n")
     evil = crafted(ckpt, tmp_path, predict_output=str(victim))
     config = yaml.safe_load(cfg.read_text())
-    del config["model"]["init_args"]["predict_output"]  # the config is silent: the default applies, not the checkpoint
+    del config["model"]["init_args"]["predict_output"]  # the config is silent: the default applies, not the checkpoint's
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     train("predict", "--config", tmp_path / "run.yaml", "--ckpt_path", evil, "--model.init_args.net.d_model", 16,
           "--model.init_args.net.d_ff", 48, "--model.init_args.net.gate.class_path", "adamoe.Top2Gate", cwd=tmp_path)  # fmt: skip
     assert victim.read_text() == "keep me\n"
-    assert len((tmp_path / "predictions.txt").read_text().splitlines()) == 12
+    # The default: the predict run's own folder (the checkpoint lies outside any run of this logger).
+    assert len((tmp / "logs" / "tiny" / "predict" / "predictions.txt").read_text().splitlines()) == 12
 
 
 def test_a_checkpoint_cannot_import_a_package_the_run_does_not_use(top2, tmp_path, capsys):
