@@ -198,7 +198,9 @@ WITH_MULTI30K = ("preset/replicate.yaml", "preset/paper_shape.yaml", "preset/wid
 
 @pytest.mark.parametrize(
     "config, precision",
-    [(c, p) for c in TASK_CONFIGS for p in ("32-true", "bf16-mixed")] + [(c, "bf16-mixed") for c in OVERLAYS],
+    # Each overlay under bf16 is left to `-m slow`: a minute of CI for what the task configs cover.
+    [(c, p) for c in TASK_CONFIGS for p in ("32-true", "bf16-mixed")]
+    + [pytest.param(c, "bf16-mixed", marks=pytest.mark.slow) for c in OVERLAYS],
 )
 def test_every_config_trains_under_every_precision(config, precision, tmp_path):
     """A training step and a validation batch through train.py, gradient clipping and the fused

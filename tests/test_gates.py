@@ -132,23 +132,6 @@ def test_capacity_drops_second_choices_first():
     assert (0, 0, round(2 / 3, 6)) in kept and (1, 1, 0.5) in kept
 
 
-def test_plain_model_code_loads_no_lightning():
-    """Gates, the MoE layer and the transformer import without Lightning or torchmetrics; the
-    task modules still resolve from `adamoe` when named."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, adamoe.gates, adamoe.moe, adamoe.transformer\n"
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'torchmetrics'))\n"
-        "assert not loaded, loaded\n"
-        "import adamoe\n"
-        "assert adamoe.TranslationModule.__name__ == 'TranslationModule' and 'lightning' in sys.modules\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-
-
 @pytest.mark.parametrize(
     ("p", "max_experts", "want"),
     [
