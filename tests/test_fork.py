@@ -3,24 +3,30 @@ through train.py with its own data module, module and config."""
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
 from helpers import ROOT, scalars, train
 
 
-@pytest.fixture
-def regression(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    cfg = yaml.safe_load((ROOT / "examples" / "regression.yaml").read_text())
-    cfg["trainer"] |= {"max_epochs": 8, "val_check_interval": None, "log_every_n_steps": 5, "enable_progress_bar": False}
+def fork_config(tmp_path, name: str, **trainer) -> Path:
+    """examples/<name>.yaml, made small and written into `tmp_path`."""
+    cfg = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
+    cfg["trainer"] |= {"log_every_n_steps": 5, "enable_progress_bar": False, **trainer}
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
     cfg["data"]["init_args"] |= {"cache_dir": str(tmp_path / "cache"), "max_tokens": 1024}
     cfg["data"]["init_args"]["source"]["init_args"] = {"train_size": 1500, "val_size": 100, "test_size": 60}
     cfg["model"]["init_args"]["predict_output"] = str(tmp_path / "pred.txt")
-    path = tmp_path / "regression.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture
+def regression(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    return fork_config(tmp_path, "regression", max_epochs=8, val_check_interval=None)
 
 
 @pytest.mark.slow  # the tagging test below trains a fork through train.py within the CI budget
@@ -49,14 +55,7 @@ def test_a_token_level_task_outside_the_package_tags_every_word(tmp_path, monkey
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     import tagging
 
-    cfg = yaml.safe_load((ROOT / "examples" / "tagging.yaml").read_text())
-    cfg["trainer"] |= {"max_epochs": 4, "log_every_n_steps": 5, "enable_progress_bar": False}
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
-    cfg["data"]["init_args"] |= {"cache_dir": str(tmp_path / "cache"), "max_tokens": 1024}
-    cfg["data"]["init_args"]["source"]["init_args"] = {"train_size": 1500, "val_size": 100, "test_size": 60}
-    cfg["model"]["init_args"]["predict_output"] = str(tmp_path / "pred.txt")
-    path = tmp_path / "tagging.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = fork_config(tmp_path, "tagging", max_epochs=4)
     train("fit", "--config", path, cwd=tmp_path)
     run = tmp_path / "logs" / "tagging" / "version_0"
     # Tagging every word 0, the most common tag, scores about a half.
