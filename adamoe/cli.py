@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from adamoe import console, precedence, runs
+from adamoe import console, precedence, runs, usage
 from adamoe.callbacks import AtomicCheckpointIO, Checkpoint, EpochTimer, NonFiniteGuard, ProgressBar, RoutingAnalysis
 from adamoe.data import TextData
 from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError, read_checkpoint
@@ -44,7 +44,7 @@ class OneLineErrors(LightningArgumentParser):
         )
         reasons = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]
         # `net` takes a config or a module: the branch the value was not meant for says so last.
-        reasons = [r for r in reasons if "does not correspond to a subclass of" not in r] or reasons
+        reasons = [r for r in reasons if not ("does not correspond to a subclass of" in r or "does not implement protocol" in r)] or reasons
         where = f"{'.'.join(keys)}: " if keys else ""
         prog = self.prog.replace(" [options]", "")
         print(f"error: {where}{reasons[-1] if reasons else message.strip()} (options: {prog} --help)", file=sys.stderr, flush=True)
@@ -219,6 +219,10 @@ def entry(args=None) -> int:
     go on, ends with one line that names the culprit and exit status 2, not a traceback.
     Set ADAMOE_TRACEBACK=1 to see the traceback."""
     console.say_each_warning_once()
+    which = usage.asked(sys.argv[1:] if args is None else list(args))
+    if which is not None:
+        print(usage.subcommand(which) if which else usage.program())
+        return 0
     try:
         main(args)
     except Exception as e:

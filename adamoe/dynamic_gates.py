@@ -10,9 +10,11 @@ from adamoe.gates import Gate, counts
 
 
 class TopPGate(Gate):
-    """Top-p routing (Huang et al., 2024, "Harder Tasks Need More Experts"): per token, the
-    fewest experts, most probable first, whose probabilities sum to at least `p`; at most
-    `max_experts` of them when set. A token whose first expert alone reaches `p` gets one.
+    """Top-p routing (Huang et al., 2024): the fewest experts whose probabilities reach p.
+
+    From "Harder Tasks Need More Experts": per token, the fewest experts, most probable
+    first, whose probabilities sum to at least `p`; at most `max_experts` of them when set.
+    A token whose first expert alone reaches `p` gets one.
 
     The weights are the router's own probabilities, not renormalized over the chosen
     experts, as in the paper: a token that needs many experts spreads its output over them,
@@ -21,6 +23,11 @@ class TopPGate(Gate):
     to be sure and so to use fewer experts. Sums within 1e-6 of `p` count as reaching it,
     so that a set that reaches `p` exactly in real numbers does in floating point too.
     The number of assignments depends on the data: choosing them reads it on the host.
+
+    Args:
+        p: the probability mass a token's experts must reach
+        max_experts: the most experts a token may get (null: no cap)
+        dynamic_loss_coef: weight of the router-entropy loss
     """
 
     KNOB = "p"  # what `adamoe.callbacks.Budget` turns: higher, more experts
@@ -53,18 +60,24 @@ class TopPGate(Gate):
 
 
 class NullExpertGate(Gate):
-    """Null experts (Zeng et al., 2024, "AdaMoE"): the router scores the E real experts and
-    `num_null` null experts, which compute nothing; each token takes its top `k` of all
-    E + num_null, with the k probabilities renormalized to sum to 1, and is sent only to
-    the real ones among them. A token that picks nulls goes to fewer real experts, and its
-    output is that much smaller; a token whose k picks are all null gets no expert at all,
-    and the MoE layer's output for it is zero: the block's residual path alone carries it.
+    """Null experts (Zeng et al., 2024): top-k over real experts and ones that cost nothing.
+
+    From "AdaMoE": the router scores the E real experts and `num_null` null experts,
+    which compute nothing; each token takes its top `k` of all E + num_null, with the k
+    probabilities renormalized to sum to 1, and is sent only to the real ones among them.
+    A token that picks nulls goes to fewer real experts, and its output is that much
+    smaller; a token whose k picks are all null gets no expert at all, and the MoE layer's
+    output for it is zero: the block's residual path alone carries it.
     Null picks are never dispatched, so they cost no FLOPs and no all-to-all bytes.
 
     The load-balancing loss runs over all k picks of the E + num_null experts, with the null
     experts counted as one pool (their loads and probabilities averaged): which null a token
     picks does not matter, only how often it picks one, and the loss holds that near
     num_null / (E + num_null) of the picks.
+
+    Args:
+        k: picks per token, null experts included
+        num_null: null experts, which compute nothing
     """
 
     def __init__(self, d_model: int, num_experts: int, *, k: int = 2, num_null: int = 4, **kwargs):
@@ -95,16 +108,24 @@ class NullExpertGate(Gate):
 
 
 class ReLUGate(Gate):
-    """ReLU routing (Wang et al., ICLR 2025, "ReMoE"): the gate values are relu(x W), and a
-    token goes to every expert whose value is positive (its `max_experts` largest, when
-    set), weighted by that value; a token with no positive value gets no expert, and its
-    block passes it on the residual path alone.
+    """ReLU routing (Wang et al., ICLR 2025): every expert with a positive relu(x W).
+
+    From "ReMoE": the gate values are relu(x W), and a token goes to every expert whose
+    value is positive (its `max_experts` largest, when set), weighted by that value; a
+    token with no positive value gets no expert, and its block passes it on the residual
+    path alone.
 
     Sparsity is held by an L1 penalty on the gate values whose coefficient adapts: after
     each training forward it is multiplied by `adapt` when fewer gates are zero than
     `target_sparsity` asks, and divided by it when more are, so the share of zero gates
     settles near the target (1 - k/E matches top-k's compute). The coefficient is a buffer:
     checkpointed with the model, and under DDP rank 0's value is the one every rank uses.
+
+    Args:
+        target_sparsity: the share of gate values held at zero
+        l1_coef: the L1 penalty's starting weight
+        adapt: the factor the weight changes by each step
+        max_experts: the most experts a token may get (null: no cap)
     """
 
     def __init__(self, d_model: int, num_experts: int, *, target_sparsity: float = 0.875, l1_coef: float = 1e-8,

@@ -72,6 +72,10 @@ class Gate(nn.Module):
 
     The softmax always runs in float32: under bf16/fp16 autocast the small differences
     between router probabilities decide the routing, and half precision blurs them.
+
+    Args:
+        aux_loss_coef: weight of the load-balancing loss, which keeps the experts evenly used
+        z_loss_coef: weight of the router z-loss, which keeps the router's logits small
     """
 
     def __init__(self, d_model: int, num_experts: int, *, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0):
@@ -193,6 +197,10 @@ class AdaptiveGate(Gate):
     by default (`single_weight="normalized"`), which keeps its output on the same scale as
     the p1' share it would have had next to p2'; `single_weight="one"` uses 1 and
     `"raw"` the unnormalized softmax probability p1, as Top1Gate does.
+
+    Args:
+        threshold: a token whose normalized top-1/top-2 gap is at most this gets two experts
+        single_weight: a one-expert token's weight: normalized, one or raw
     """
 
     SINGLE_WEIGHTS = ("normalized", "one", "raw")

@@ -3,7 +3,7 @@
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,23 @@ GateFactory = Callable[[int, int], Gate]
 class TransformerConfig:
     """The transformer's shape. FFN i (0-based) of each stack is an MoE layer when
     (i + 1) % moe_every == 0; moe_every=0 is fully dense. A stack of 0 layers is left out:
-    encoder-only and decoder-only models are the same class."""
+    encoder-only and decoder-only models are the same class.
+
+    Args:
+        d_model: width of the residual stream
+        n_heads: attention heads
+        d_ff: width of each FFN and of each expert
+        num_encoder_layers: encoder blocks (0: decoder-only)
+        num_decoder_layers: decoder blocks (0: encoder-only)
+        num_experts: experts in each MoE layer
+        moe_every: every moe_every-th FFN is an MoE layer (0: none)
+        gate: how tokens pick experts (adamoe.Top2Gate, adamoe.AdaptiveGate, ...)
+        activation: the FFN's nonlinearity: relu, gelu or silu
+        capacity_factor: tokens an expert takes, over an even share (null: dropless)
+        dropout: dropout of attention weights and of each block's outputs
+        tie_embeddings: the output layer shares the embedding's weights
+        ffn_bias: dense FFNs have biases (false for a model to be converted into MoE)
+    """
 
     d_model: int = 256
     n_heads: int = 4
@@ -40,6 +56,15 @@ class TransformerConfig:
     # Experts have no biases; a dense model meant to be converted into MoE (`MoEModule`'s
     # `convert_from`) is trained without FFN biases, so that copied experts equal its FFNs.
     ffn_bias: bool = True
+
+
+class Network(Protocol):
+    """A ready network a task can take in place of a `TransformerConfig`: an `nn.Module` with
+    `Transformer`'s interface, of which the task calls what it needs (`forward`, `encode`,
+    `decode`, `generate`, `continue_text`, `output`). A protocol rather than `nn.Module`, so
+    that `--help` does not list every module class there is."""
+
+    def moe_layers(self) -> list[MoELayer]: ...
 
 
 # The least each size may be.

@@ -9,7 +9,6 @@ columns, and a LightningModule that writes `step`, `metrics`, `update_metrics` a
 
 import datasets
 import torch.nn.functional as F
-from jsonargparse import lazy_instance
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
@@ -38,8 +37,8 @@ class ScoredTextData(TextData):
     COLUMNS = {"text": "src"}  # tokenized into the batch's `src` and `src_pad`
     KEEP = ("score",)  # into the batch as it is: a float tensor
 
-    def __init__(self, source: DataSource = lazy_instance(Clauses), **kwargs):
-        super().__init__(source, **kwargs)
+    def __init__(self, source: DataSource | None = None, **kwargs):
+        super().__init__(source or Clauses(), **kwargs)
 
 
 class RegressionModule(MoEModule):

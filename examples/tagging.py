@@ -12,7 +12,6 @@ IGNORE_ID, which the loss and the accuracy skip. Predict writes one tag per word
 import datasets
 import pyarrow as pa
 import torch.nn.functional as F
-from jsonargparse import lazy_instance
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -45,8 +44,8 @@ class TaggedTextData(TextData):
     COLUMNS = {"text": "src"}
     KEEP = ("tags",)  # word labels, one list a text: made token labels in `tokenized`
 
-    def __init__(self, source: DataSource = lazy_instance(ArticlePhrases), **kwargs):
-        super().__init__(source, **kwargs)
+    def __init__(self, source: DataSource | None = None, **kwargs):
+        super().__init__(source or ArticlePhrases(), **kwargs)
 
     def tokenized(self, table, split):
         ids, tags = table.column("src").to_pylist(), table.column("tags").to_pylist()

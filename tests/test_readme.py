@@ -37,10 +37,13 @@ def test_the_readme_is_a_guide_of_at_most_300_lines():
 @pytest.mark.parametrize("args", train_commands(), ids=lambda a: " ".join(a)[:60])
 def test_every_train_command_in_the_readme_parses(args, monkeypatch, tmp_path, capsys):
     """Each command's configs exist and its options are accepted: the config is resolved
-    (`--print_config`), not trained."""
+    (`--print_config`), not trained. A help command runs as written."""
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     monkeypatch.setattr(sys, "argv", ["train.py"])
+    if "--help" in args:
+        assert entry(args) == 0 and capsys.readouterr().out.startswith(f"usage: train.py {args[0]}")
+        return
     with pytest.raises(SystemExit) as stop:
         entry([*args, "--print_config"])
     assert stop.value.code in (0, None), capsys.readouterr().err[-2000:]

@@ -35,7 +35,27 @@ UNK_LIMIT = 0.05
 class TextData(LightningDataModule):
     """Text from any `DataSource`, one joint BPE vocabulary, token-budget batches of
     `adamoe.data.batch.Batch`. The README's "Training on your own data" and "Curriculum"
-    say what the settings do."""
+    say more of what the settings do.
+
+    Args:
+        source: where the text comes from (ParallelText, TextLines, TableFiles, HubDataset, ...)
+        vocab_size: BPE vocabulary size, special tokens included
+        max_tokens: a batch's token budget, padding included (null: batch_size sequences)
+        batch_size: sequences a batch, when max_tokens is null
+        max_source_len: the longest source sequence, in tokens
+        max_target_len: the longest target sequence, in tokens
+        too_long: a longer sample stops the run (error), is left out (filter) or cut (truncate)
+        curriculum: the training order: none (length buckets, shuffled), random, paper (the paper's) or reverse
+        curriculum_pool: samples sorted by length together under a curriculum (0: all)
+        shuffle_batches: shuffle the batches of a curriculum's order
+        bpe_sample: training texts the tokenizer learns from (null: all)
+        predict_split: the split predict runs on
+        predict_file: a text file to predict on instead, one input a line
+        cache_dir: where tokenizers and tokenized splits are cached
+        verify_cache: hash every cached file before use
+        num_workers: data loader worker processes
+        seed: the seed of the data order
+    """
 
     COLUMNS: dict[str, str] = {}  # a column to tokenize -> the batch side it becomes: "src" or "tgt"
     KEEP: tuple[str, ...] = ()  # columns that go into the batch as they are

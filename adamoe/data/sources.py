@@ -7,8 +7,8 @@ import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,20 +18,31 @@ from adamoe.data import synthetic, text
 from adamoe.data.text import blank, file_stamp, first_blank, line_chunks
 from adamoe.errors import DataError
 
+if TYPE_CHECKING:
+    import datasets
+
 SPLITS = ("train", "val", "test")
 
 
-def _pairs(sources: list[str], targets: list[str]) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"source": sources, "target": targets})
+def hf_datasets():
+    """The `datasets` package, imported when data is first read: it is slow to import, and
+    commands that read none (`--help`, `--print_config`) do without it."""
+    import datasets
+
+    return datasets
+
+
+def _pairs(sources: list[str], targets: list[str]) -> "datasets.Dataset":
+    return hf_datasets().Dataset.from_dict({"source": sources, "target": targets})
 
 
 class DataSource:
     """Base class. A small source implements `load(split)`, the whole split as a
     `datasets.Dataset` (None when it has no such split); a large one implements `chunks`."""
 
-    def load(self, split: str) -> datasets.Dataset | None:
+    def load(self, split: str) -> "datasets.Dataset | None":
         chunks = self.chunks(split)
-        return None if chunks is None else datasets.Dataset(pa.concat_tables(list(chunks)))
+        return None if chunks is None else hf_datasets().Dataset(pa.concat_tables(list(chunks)))
 
     def chunks(self, split: str) -> Iterator[pa.Table] | None:
         """The split as Arrow tables of at most `text.CHUNK_ROWS` rows, read as they are needed."""
@@ -52,7 +63,7 @@ class DataSource:
 
 
 class Generated(DataSource):
-    """Base of the embedded tasks (see `adamoe.data.synthetic`): generated, no download."""
+    """The embedded tasks, generated (`adamoe.data.synthetic`): no files, no download."""
 
     def __init__(self, train_size: int = 20000, val_size: int = 500, test_size: int = 500, seed: int = 0):
         self.train_size, self.val_size, self.test_size, self.seed = train_size, val_size, test_size, seed
@@ -79,14 +90,14 @@ class SyntheticSentiment(Generated):
 
     def load(self, split):
         texts, labels = synthetic.sentiment(self.size(split), seed=self.split_seed(split))
-        return datasets.Dataset.from_dict({"text": texts, "label": labels})
+        return hf_datasets().Dataset.from_dict({"text": texts, "label": labels})
 
 
 class SyntheticText(Generated):
     """The embedded language-modelling task: sentences of the synthetic grammar."""
 
     def load(self, split):
-        return datasets.Dataset.from_dict({"text": synthetic.generate(self.size(split), seed=self.split_seed(split))[0]})
+        return hf_datasets().Dataset.from_dict({"text": synthetic.generate(self.size(split), seed=self.split_seed(split))[0]})
 
 
 class ParallelText(DataSource):
@@ -94,6 +105,14 @@ class ParallelText(DataSource):
 
     Multi30k ships this way: `ParallelText(root=".../multi30k", src_lang="de", tgt_lang="en",
     test="test_2016_flickr")`.
+
+    Args:
+        root: the folder that holds the files
+        src_lang: the source files' suffix (de in train.de)
+        tgt_lang: the target files' suffix
+        train: the training files' name before the suffix
+        val: the validation files' name
+        test: the test files' name (null: none)
     """
 
     def __init__(self, root: str, src_lang: str, tgt_lang: str, train: str = "train", val: str = "val", test: str | None = "test"):
@@ -167,7 +186,7 @@ class TextLines(DataSource):
             rank_zero_info(f"{path}: skipped {lines - kept} blank lines of {lines}")
 
 
-def _select_columns(ds: datasets.Dataset, columns: dict[str, str], where: str, first_line: int) -> Iterator[pa.Table]:
+def _select_columns(ds: "datasets.Dataset", columns: dict[str, str], where: str, first_line: int) -> Iterator[pa.Table]:
     """Our columns (`columns`' keys) from the file's (its values; dots reach nested
     fields), a chunk at a time. Text must be non-blank; a `label` may also be an integer."""
     table = ds.data.table
@@ -230,7 +249,7 @@ class TableFiles(DataSource):
             raise DataError(f"{path}: unknown format; set `format` to one of {sorted(set(self.FORMATS.values()))}")
         builder, kwargs = {"tsv": ("csv", {"delimiter": "\t"}), "csv": ("csv", {}), "json": ("json", {}), "parquet": ("parquet", {})}[fmt]
         try:
-            ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train", **kwargs)
+            ds = hf_datasets().load_dataset(builder, data_files=os.path.abspath(path), split="train", **kwargs)
         except Exception as e:  # the loaders raise many types; keep the file name in front
             raise DataError(f"{path}: cannot read as {fmt}: {e}") from e
         return _select_columns(ds, self.columns, path, first_line=self._first_line(path))
@@ -258,7 +277,7 @@ class HubDataset(DataSource):
         self.splits = {"train": "train", "val": "validation", "test": "test", **(splits or {})}
 
     def chunks(self, split):
-        ds = datasets.load_dataset(self.name, self.config, split=self.splits[split])
+        ds = hf_datasets().load_dataset(self.name, self.config, split=self.splits[split])
         return _select_columns(ds, self.columns, f"{self.name}[{self.splits[split]}]", first_line=1)
 
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from jsonargparse import lazy_instance
 
 from adamoe.data import store
 from adamoe.data.datamodule import TextData
@@ -16,8 +15,8 @@ class TranslationData(TextData):
     COLUMNS = {"source": "src", "target": "tgt"}
     KEEP = ("target",)  # the reference text, for BLEU
 
-    def __init__(self, source: DataSource = lazy_instance(SyntheticTranslation), **kwargs):
-        super().__init__(source, **kwargs)
+    def __init__(self, source: DataSource | None = None, **kwargs):
+        super().__init__(source or SyntheticTranslation(), **kwargs)
 
 
 class ClassificationData(TextData):
@@ -31,8 +30,8 @@ class ClassificationData(TextData):
     COLUMNS = {"text": "src"}
     KEEP = ("label",)
 
-    def __init__(self, source: DataSource = lazy_instance(SyntheticSentiment), num_classes: int = 2, **kwargs):
-        super().__init__(source, **kwargs)
+    def __init__(self, source: DataSource | None = None, num_classes: int = 2, **kwargs):
+        super().__init__(source or SyntheticSentiment(), **kwargs)
         self.num_classes = num_classes
 
     def scan_train(self, chunks):
@@ -73,8 +72,8 @@ class LanguageModelData(TextData):
 
     COLUMNS = {"text": "tgt"}
 
-    def __init__(self, source: DataSource = lazy_instance(SyntheticText), pack_to: int | None = None, **kwargs):
-        super().__init__(source, **kwargs)
+    def __init__(self, source: DataSource | None = None, pack_to: int | None = None, **kwargs):
+        super().__init__(source or SyntheticText(), **kwargs)
         self.pack_to = pack_to
         self._packed = False
 

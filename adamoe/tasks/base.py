@@ -19,7 +19,7 @@ from adamoe.errors import CheckpointError, ConfigError, read_checkpoint
 from adamoe.gates import Routing
 from adamoe.parallel import expert_group, gather_experts, parallelize_experts, record_parameter_names, slice_experts
 from adamoe.schedulers import RunSchedule, WarmupInverseSqrt
-from adamoe.transformer import GateFactory, Transformer, TransformerConfig
+from adamoe.transformer import GateFactory, Network, Transformer, TransformerConfig
 
 STAGES = ("val", "test")
 
@@ -49,17 +49,33 @@ class MoEModule(LightningModule):
     """The base of every task (see the README's "Fork it"). A task implements `step`,
     `metrics`, `update_metrics` and `predict`.
 
-    `net` is a `TransformerConfig`, built here with the data's vocabulary, or any ready
-    `nn.Module` with the `Transformer` interface. `inference_gate` routes validation,
-    test and predict with another rule over the trained routers. `expert_parallel` spreads
-    the experts over the DDP ranks (`adamoe.parallel`). `convert_from` starts a new run
-    from a dense checkpoint of the same task: every shared weight copied, every MoE layer's
-    experts filled as `convert_experts` says (`adamoe.convert`).
+    `net` is a `TransformerConfig`, built here with the data's vocabulary, or a ready
+    `Network` (an `nn.Module` with the `Transformer` interface). `inference_gate` routes
+    validation, test and predict with another rule over the trained routers.
+    `expert_parallel` spreads the experts over the DDP ranks (`adamoe.parallel`).
+    `convert_from` starts a new run from a dense checkpoint of the same task: every shared
+    weight copied, every MoE layer's experts filled as `convert_experts` says
+    (`adamoe.convert`).
+
+    Args:
+        net: the network's shape (a TransformerConfig), or a ready Network
+        vocab_size: set from the data
+        pad_id: set from the data
+        bos_id: set from the data
+        eos_id: set from the data
+        inference_gate: the gate validation, test and predict route with (null: the trained one)
+        optimizer: the optimizer class and its arguments
+        lr_scheduler: the learning-rate schedule, stepped every step
+        predict_output: where predict writes (null: predictions.txt in the run's folder)
+        expert_parallel: spread each MoE layer's experts over the DDP ranks
+        convert_from: a dense checkpoint of the same task to start from
+        convert_experts: how the experts of a conversion start: random, or copies of the FFN
+        convert_noise: Gaussian noise on copied experts, in units of the FFN weights' std
     """
 
     def __init__(
         self,
-        net: TransformerConfig | nn.Module,
+        net: TransformerConfig | Network,
         vocab_size: int = 8000,
         pad_id: int = 0,
         bos_id: int = 1,

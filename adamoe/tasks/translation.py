@@ -19,7 +19,15 @@ class Bleu(SacreBLEUScore):
 class TranslationModule(MoEModule):
     """`train/loss` is label-smoothed, `train/nll` the plain cross-entropy. Evaluation logs
     `loss` (token cross-entropy), `ppl` and `bleu` (sacreBLEU, 0-100): greedy on the first
-    `bleu_batches` validation batches of each rank (-1 all, 0 none), beam search on test."""
+    `bleu_batches` validation batches of each rank (-1 all, 0 none), beam search on test.
+
+    Args:
+        label_smoothing: the share of the target probability spread over the vocabulary
+        bleu_batches: validation batches of each rank decoded for val/bleu (-1: all, 0: none)
+        max_decode_len: the most tokens a translation may have
+        beam_size: beams of the test and predict search
+        length_penalty: the exponent of the length a beam's score is divided by
+    """
 
     def __init__(
         self,
