@@ -12,7 +12,9 @@ from adamoe.ops import Dropout, attention
 
 def sinusoidal_positions(start: int, length: int, d_model: int, device) -> Tensor:
     pos_S1 = torch.arange(start, start + length, device=device, dtype=torch.float32).unsqueeze(1)
-    inv_freq = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    inv_freq = torch.exp(
+        torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+    )
     pe_SD = torch.zeros(length, d_model, device=device)
     pe_SD[:, 0::2] = torch.sin(pos_S1 * inv_freq)
     pe_SD[:, 1::2] = torch.cos(pos_S1 * inv_freq[: d_model // 2])

@@ -2,7 +2,6 @@
 
 import errno
 import os
-import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from adamoe import console, precedence, runs, usage
+from adamoe import compat, console, precedence, runs, usage
 from adamoe.callbacks import AtomicCheckpointIO, Checkpoint, EpochTimer, NonFiniteGuard, ProgressBar, RoutingAnalysis
 from adamoe.data import TextData
 from adamoe.errors import CheckpointError, ConfigError, DataError, TrainingError, read_checkpoint
@@ -32,26 +31,14 @@ class OneLineErrors(LightningArgumentParser):
     def error(self, message, ex=None):
         if not self.exit_on_error:
             return super().error(message, ex)
-        keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
-        noise = (
-            "Parser key",
-            "Does not validate",
-            "Subtypes:",
-            "Errors:",
-            "Given value",
-            "- Expected a <class 'NoneType'>",
-            "- Problem with given class_path",
-        )
-        reasons = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]
-        # `net` takes a config or a module: the branch the value was not meant for says so last.
-        reasons = [r for r in reasons if not ("does not correspond to a subclass of" in r or "does not implement protocol" in r)] or reasons
-        where = f"{'.'.join(keys)}: " if keys else ""
+        key, reason = compat.parser_error(message)
+        where = f"{key}: " if key else ""
         prog = self.prog.replace(" [options]", "")
-        print(f"error: {where}{reasons[-1] if reasons else message.strip()} (options: {prog} --help)", file=sys.stderr, flush=True)
+        print(f"error: {where}{reason} (options: {prog} --help)", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
-class AdamoeCLI(LightningCLI):
+class AdamoeCLI(compat.CheckpointArguments, LightningCLI):
     def add_arguments_to_parser(self, parser):
         # Callbacks with settings a run often changes get a config group of their own
         # (`--checkpoint.monitor val/acc`, `--timer.target 2.0`, `--nonfinite.action skip`),
@@ -62,9 +49,11 @@ class AdamoeCLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_argument(
-            "--collective_timeout", type=timedelta, default=timedelta(minutes=10),
-            help="how long a DDP rank waits in a collective for the others before it fails (NCCL's own default is 30 min)",
-        )  # fmt: skip
+            "--collective_timeout",
+            type=timedelta,
+            default=timedelta(minutes=10),
+            help="how long a DDP rank waits in a collective for the others before it fails (NCCL's default: 30 min)",
+        )
         # The vocabulary is sized by the data config; special ids are the tokenizer's.
         parser.link_arguments("data.init_args.vocab_size", "model.init_args.vocab_size")
         for name in ("pad_id", "bos_id", "eos_id"):
@@ -72,27 +61,33 @@ class AdamoeCLI(LightningCLI):
         parser.link_arguments("data.init_args.num_classes", "model.init_args.num_classes")
 
     def instantiate_trainer(self, **kwargs):
-        config = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
+        root = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        config = root.trainer
         callbacks = config.get("callbacks") or []
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar) for c in callbacks):
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, LightningProgressBar) for c in callbacks
+        ):
             config.callbacks = [*callbacks, ProgressBar()]  # one a config can replace; without a bar, none
         # A resumed run writes its config over the one it resumes in the same log folder, and
         # an evaluation over the one of the evaluation before it.
-        self.save_config_kwargs["overwrite"] = self.subcommand != "fit" or bool(self.config_init["fit"].get("ckpt_path"))
+        self.save_config_kwargs["overwrite"] = self.subcommand != "fit" or bool(
+            self.config_init["fit"].get("ckpt_path")
+        )
         trainer = super().instantiate_trainer(**kwargs)
         strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a configured one is kept
             strategy.checkpoint_io = AtomicCheckpointIO()
-        if isinstance(strategy, DDPStrategy) and getattr(strategy, "_timeout", None) is not None:
-            # The strategy takes a timeout only as an argument; a `strategy: ddp` string gets this one.
-            strategy._timeout = self._get(self.config_init, "collective_timeout")
+        if isinstance(strategy, DDPStrategy):
+            compat.set_collective_timeout(strategy, root.collective_timeout)
         return trainer
 
     def parse_arguments(self, parser, args):
-        # Kept to tell which `--model.*` the user typed (see `_parse_ckpt_path`); a dict or
+        # Kept to tell which `--model.*` the user typed (see `apply_checkpoint_arguments`); a dict or
         # Namespace of arguments types nothing.
         self._command_line = (
-            [str(a) for a in (sys.argv[1:] if args is None else args)] if args is None or isinstance(args, (list, tuple)) else []
+            [str(a) for a in (sys.argv[1:] if args is None else args)]
+            if args is None or isinstance(args, (list, tuple))
+            else []
         )
         for i, arg in enumerate(self._command_line[:-1]):  # jsonargparse's own YAML errors name neither file nor line
             if arg in ("-c", "--config") and Path(self._command_line[i + 1]).is_file():
@@ -100,7 +95,7 @@ class AdamoeCLI(LightningCLI):
                 precedence.check_imports(self._command_line[i + 1])
         super().parse_arguments(parser, args)
 
-    def _parse_ckpt_path(self):
+    def apply_checkpoint_arguments(self):
         """Lightning rebuilds the model from a checkpoint's saved arguments, over the config.
         Here the user's settings win instead (`adamoe.precedence`): the checkpoint fills what
         they leave unset, field by field, and says which of its values are not in effect. A
@@ -117,7 +112,9 @@ class AdamoeCLI(LightningCLI):
             return
         hparams = read_checkpoint(ckpt).get("hyper_parameters", {})
         if not isinstance(hparams, dict):
-            raise CheckpointError(f"{ckpt}: not a checkpoint of this program (its hyper_parameters are a {type(hparams).__name__})")
+            raise CheckpointError(
+                f"{ckpt}: not a checkpoint of this program (its hyper_parameters are a {type(hparams).__name__})"
+            )
         hparams.pop("_instantiator", None)
         model = self.config[subcommand].get("model")
         saved, wanted = hparams.pop("_class_path", None), model.get("class_path") if model else None
@@ -129,27 +126,41 @@ class AdamoeCLI(LightningCLI):
         foreign = precedence.foreign_classes(hparams, effective)
         if foreign:
             raise CheckpointError(
-                f"{ckpt} names {', '.join(foreign)}, from a package this run does not use: set the class in the config if you trust it"
+                f"{ckpt} names {', '.join(foreign)}, from a package this run does not use: set the class in the "
+                "config if you trust it"
             )
         merged = precedence.merge(hparams, effective, precedence.user_keys(self._command_line))
         unused = precedence.differences(hparams, merged)
         if unused:
             rank_zero_info(f"{Path(ckpt).name}: the config overrides its saved {'; '.join(unused)}")
-        self.config = self.parser.parse_object({subcommand: {"model": {"class_path": wanted or saved, "init_args": merged}}}, self.config)
+        self.config = self.parser.parse_object(
+            {subcommand: {"model": {"class_path": wanted or saved, "init_args": merged}}}, self.config
+        )
 
     def _check_run(self):
         """What would otherwise fail late, or deep inside a library."""
         config = self.config_init[self.subcommand]
         ckpt = config.get("ckpt_path")
-        if ckpt not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt) and not Path(ckpt).is_file():
+        if (
+            ckpt not in (None, "last", "best", "hpc", "registry")
+            and "://" not in str(ckpt)
+            and not Path(ckpt).is_file()
+        ):
             raise CheckpointError(f"--ckpt_path {ckpt}: no such checkpoint file")
         curriculum = getattr(self.datamodule, "curriculum", "none")
         if curriculum in ("paper", "reverse") and not any(isinstance(m, MoELayer) for m in self.model.modules()):
             raise ConfigError(
-                f"data.curriculum={curriculum} orders samples by their routing, but the model has no MoE layer (moe_every: 0)"
+                f"data.curriculum={curriculum} orders samples by their routing, but the model has no MoE layer "
+                "(moe_every: 0)"
             )
-        if "bf16" in str(self.trainer.precision) and self.trainer.strategy.root_device.type == "cpu" and not cpu_has_fast_bf16():
-            rank_zero_warn("this CPU has no fast bf16 matmul (no AMX-BF16 or AVX512-BF16): bf16-mixed will run slower than fp32")
+        if (
+            "bf16" in str(self.trainer.precision)
+            and self.trainer.strategy.root_device.type == "cpu"
+            and not cpu_has_fast_bf16()
+        ):
+            rank_zero_warn(
+                "this CPU has no fast bf16 matmul (no AMX-BF16 or AVX512-BF16): bf16-mixed will run slower than fp32"
+            )
         logger = self.trainer.logger
         if logger is not None and self.trainer.is_global_zero and logger.save_dir:
             folder = Path(logger.save_dir)
@@ -163,7 +174,8 @@ class AdamoeCLI(LightningCLI):
             saved = Path(self.trainer.log_dir) / "config.yaml"
             if self.subcommand == "fit" and not ckpt and saved.exists():
                 raise ConfigError(
-                    f"{saved.parent} already holds a run: resume it with --ckpt_path {saved.parent / 'checkpoints' / 'last.ckpt'}, "
+                    f"{saved.parent} already holds a run: resume it with --ckpt_path "
+                    f"{saved.parent / 'checkpoints' / 'last.ckpt'}, "
                     "or choose another --trainer.logger.init_args.version"
                 )
 
@@ -231,40 +243,27 @@ def entry(args=None) -> int:
         while cause is not None and not _is_users(cause):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
-            line = f"error: {cause.filename or ''}: {cause.strerror}" if isinstance(cause, OSError) else f"error: {cause}"
+            line = (
+                f"error: {cause.filename or ''}: {cause.strerror}" if isinstance(cause, OSError) else f"error: {cause}"
+            )
             return _fail(e, line, getattr(cause, "exit_code", 2))
-        if _lost_peer(e):
+        if compat.lost_peer(e):
             # The rank that failed first has said why; a page of traceback per survivor adds nothing.
             return _fail(
-                e, f"error: a collective failed because another rank exited or hung (its message says why): {str(e).splitlines()[0]}"
+                e,
+                "error: a collective failed because another rank exited or hung (its message says why): "
+                f"{str(e).splitlines()[0]}",
             )
         raise
     return 0
-
-
-def _lost_peer(e: BaseException) -> bool:
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out")
-    )
 
 
 def _is_users(e: BaseException) -> bool:
     return (
         isinstance(e, (ConfigError, DataError, CheckpointError, TrainingError, MisconfigurationException))
         or (isinstance(e, OSError) and e.errno in WRITE_ERRNOS)
-        or _lightning_setting(e)
+        or compat.lightning_setting(e)
     )
-
-
-def _lightning_setting(e: BaseException) -> bool:
-    """Lightning checks some trainer settings against the data only once fit runs (e.g.
-    `val_check_interval` above the number of batches) and raises a plain ValueError."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
-    return isinstance(e, ValueError) and f"lightning{os.sep}pytorch{os.sep}loops" in where
 
 
 def _fail(exception, line: str, code: int = 2) -> int:

@@ -16,7 +16,9 @@ warnings.filterwarnings("ignore", message=r".*ModelCheckpoint\(monitor=.*could n
 # The batch sampler yields every sample of the predicted split (a test checks each line).
 warnings.filterwarnings("ignore", message=r".*custom batch sampler .* for prediction")
 # An advertisement, said at every start.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage()
+)
 
 
 def say_each_warning_once():

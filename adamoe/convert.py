@@ -24,7 +24,11 @@ ExpertInit = Literal["random", "copy"]
 
 
 def convert(
-    net: nn.Module, dense: dict[str, Tensor], experts: ExpertInit = "random", noise: float = 0.0, source: str = "checkpoint"
+    net: nn.Module,
+    dense: dict[str, Tensor],
+    experts: ExpertInit = "random",
+    noise: float = 0.0,
+    source: str = "checkpoint",
 ) -> list[str]:
     """Load `dense` (the dense model's state dict, keys as in `net`) into `net`, whose MoE
     layers replace some of its FFNs. Returns notices for the user; raises CheckpointError
@@ -38,13 +42,21 @@ def convert(
     ours = net.state_dict()
     in_moe = {k for k in ours if any(k.startswith(f"{m}.") for m in moe)}
     wanted = {k: tuple(v.shape) for k, v in ours.items() if k not in in_moe}
-    wanted |= {f"{m}.fc1.weight": (ours[f"{m}.experts.w0_EDF"].shape[2], ours[f"{m}.experts.w0_EDF"].shape[1]) for m in moe}
-    wanted |= {f"{m}.fc2.weight": (ours[f"{m}.experts.w1_EFD"].shape[2], ours[f"{m}.experts.w1_EFD"].shape[1]) for m in moe}
+    wanted |= {
+        f"{m}.fc1.weight": (ours[f"{m}.experts.w0_EDF"].shape[2], ours[f"{m}.experts.w0_EDF"].shape[1]) for m in moe
+    }
+    wanted |= {
+        f"{m}.fc2.weight": (ours[f"{m}.experts.w1_EFD"].shape[2], ours[f"{m}.experts.w1_EFD"].shape[1]) for m in moe
+    }
     problems = [
-        f"{k}: checkpoint {tuple(dense[k].shape)}, model {s}" for k, s in wanted.items() if k in dense and tuple(dense[k].shape) != s
+        f"{k}: checkpoint {tuple(dense[k].shape)}, model {s}"
+        for k, s in wanted.items()
+        if k in dense and tuple(dense[k].shape) != s
     ]
     problems += [f"missing {k}" for k in wanted if k not in dense]
-    extra = [k for k in dense if k not in wanted and not any(k.startswith(f"{m}.fc") and k.endswith(".bias") for m in moe)]
+    extra = [
+        k for k in dense if k not in wanted and not any(k.startswith(f"{m}.fc") and k.endswith(".bias") for m in moe)
+    ]
     problems += [f"unexpected {k}" for k in extra]
     if problems:
         more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
@@ -62,7 +74,9 @@ def convert(
                     w.copy_(source_w.expand_as(w))
                     if noise:
                         w.add_(torch.randn_like(w) * noise * source_w.std())
-            biases = [f"{m}.{fc}.bias" for fc in ("fc1", "fc2") if f"{m}.{fc}.bias" in dense and dense[f"{m}.{fc}.bias"].any()]
+            biases = [
+                f"{m}.{fc}.bias" for fc in ("fc1", "fc2") if f"{m}.{fc}.bias" in dense and dense[f"{m}.{fc}.bias"].any()
+            ]
             if biases and experts == "copy":
                 notices.append(f"{m}: the dense FFN's biases are dropped (experts have none)")
     return notices

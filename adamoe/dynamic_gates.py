@@ -83,7 +83,9 @@ class NullExpertGate(Gate):
     def __init__(self, d_model: int, num_experts: int, *, k: int = 2, num_null: int = 4, **kwargs):
         super().__init__(d_model, num_experts, **kwargs)
         if num_null < 1 or not 1 <= k <= num_experts + num_null:
-            raise ConfigError(f"NullExpertGate needs num_null >= 1 and k in [1, {num_experts + num_null}], got {num_null} and {k}")
+            raise ConfigError(
+                f"NullExpertGate needs num_null >= 1 and k in [1, {num_experts + num_null}], got {num_null} and {k}"
+            )
         self.k, self.num_null = k, num_null
         self.router = nn.Linear(d_model, num_experts + num_null, bias=False)
 
@@ -98,7 +100,9 @@ class NullExpertGate(Gate):
         if probs_TE.shape[0] == 0:
             return probs_TE.sum()
         E, N = self.num_experts, self.num_null
-        load_X = counts(probs_TE.topk(self.k, -1).indices.flatten(), E + N).to(probs_TE.dtype) / (probs_TE.shape[0] * self.k)
+        load_X = counts(probs_TE.topk(self.k, -1).indices.flatten(), E + N).to(probs_TE.dtype) / (
+            probs_TE.shape[0] * self.k
+        )
         mean_X = probs_TE.mean(0)
         pooled = lambda v: torch.cat([v[:E], v[E:].mean().expand(N)])  # noqa: E731
         return (E + N) * (pooled(load_X) * pooled(mean_X)).sum()
@@ -133,7 +137,8 @@ class ReLUGate(Gate):
         super().__init__(d_model, num_experts, aux_loss_coef=aux_loss_coef, **kwargs)
         if not 0.0 <= target_sparsity < 1.0 or adapt <= 1.0 or l1_coef <= 0.0:
             raise ConfigError(
-                f"ReLUGate needs target_sparsity in [0, 1), adapt > 1, l1_coef > 0; got {target_sparsity}, {adapt}, {l1_coef}"
+                f"ReLUGate needs target_sparsity in [0, 1), adapt > 1, l1_coef > 0; got {target_sparsity}, {adapt}, "
+                f"{l1_coef}"
             )
         if max_experts is not None and not 1 <= max_experts <= num_experts:
             raise ConfigError(f"ReLUGate max_experts must be in [1, {num_experts}], got {max_experts}")

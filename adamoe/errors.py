@@ -21,7 +21,9 @@ def read_checkpoint(path) -> dict:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises many types for a bad file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 class TrainingError(RuntimeError):

@@ -27,8 +27,6 @@ class Routing:
     router_entropy: Tensor  # scalar, summed over non-padding tokens (detached)
     num_tokens: int  # non-padding tokens
     dropped: int = 0  # assignments removed by a capacity limit
-    ep_received: int = 0  # with expert parallelism: assignments this rank's experts processed
-    ep_bytes: int = 0  # with expert parallelism: bytes this rank sent to other ranks, both ways
 
     def two_expert_counts(self, batch_size: int) -> Tensor:
         """Per-sequence count of tokens on two or more experts, shape [B] (eq. 5 numerator)."""
@@ -111,7 +109,9 @@ class Gate(nn.Module):
             token_N = real_T[token_N]
         E, R = self.num_experts, x_RD.shape[0]
 
-        aux_loss = self.aux_loss_coef * self.load_balancing_loss(probs_RE) if self.aux_loss_coef else probs_RE.new_zeros(())
+        aux_loss = (
+            self.aux_loss_coef * self.load_balancing_loss(probs_RE) if self.aux_loss_coef else probs_RE.new_zeros(())
+        )
         if self.z_loss_coef:
             aux_loss = aux_loss + self.z_loss_coef * torch.logsumexp(logits_RE, -1).square().mean()
         aux_loss = aux_loss + self.extra_loss(probs_RE)
@@ -206,7 +206,9 @@ class AdaptiveGate(Gate):
     SINGLE_WEIGHTS = ("normalized", "one", "raw")
     KNOB = "threshold"  # what `adamoe.callbacks.Budget` turns: higher, more two-expert tokens
 
-    def __init__(self, d_model: int, num_experts: int, *, threshold: float = 0.1, single_weight: str = "normalized", **kwargs):
+    def __init__(
+        self, d_model: int, num_experts: int, *, threshold: float = 0.1, single_weight: str = "normalized", **kwargs
+    ):
         super().__init__(d_model, num_experts, **kwargs)
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"AdaptiveGate threshold must be in [0, 1], got {threshold}")

@@ -1,18 +1,17 @@
-"""Dropless MoE layer: gate, then sort-based dispatch, then grouped expert math."""
+"""Dropless MoE layer: gate, then sort-based dispatch, then grouped expert math. Where the
+experts live is the dispatcher's business: `LocalDispatch` here, all-to-all in
+`adamoe.parallel`, swapped in from outside the model."""
 
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adamoe.errors import ConfigError
 from adamoe.gates import Gate, Routing
-from adamoe.parallel import parallel_dispatch
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -88,7 +87,7 @@ class Experts(nn.Module):
     """E two-layer FFNs, FFN_e(x) = act(x W0_e) W1_e (eq. 1), stored as stacked weights."""
 
     # Rows each expert's group is padded to a multiple of, in bf16 and fp16 on CPU (see
-    # `_pad_groups`): 64 took a quarter off a Multi30k bf16 training step, for 2-3% more FLOPs.
+    # `_pad_groups`); benchmarks/README.md has what it saves and what it costs.
     row_bucket = 64
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, activation: Callable[[Tensor], Tensor] = F.relu):
@@ -118,7 +117,9 @@ class Experts(nn.Module):
         with torch.autocast(device, enabled=False):
             w0, w1 = self.w0_EDF.to(dtype), self.w1_EFD.to(dtype)
             if device == "cpu" and dtype in (torch.bfloat16, torch.float16) and self.row_bucket > 1:
-                token_N, weight_N, tokens_per_expert_E = _pad_groups(token_N, weight_N, tokens_per_expert_E, self.row_bucket)
+                token_N, weight_N, tokens_per_expert_E = _pad_groups(
+                    token_N, weight_N, tokens_per_expert_E, self.row_bucket
+                )
             return _ExpertFFN.apply(x_TD, token_N, weight_N, w0, w1, tokens_per_expert_E, self.activation)
 
 
@@ -128,7 +129,10 @@ def _pad_groups(token_N: Tensor, weight_N: Tensor, counts: list[int], bucket: in
     matmul kernel for every new shape, which costs more than the matmul: with padded
     groups the shapes repeat and the compiled kernels are reused."""
     padded = [-(-n // bucket) * bucket for n in counts]
-    shift = [0, *itertools.accumulate(p - n for p, n in zip(padded[:-1], counts[:-1]))]  # padding rows before each group
+    shift = [
+        0,
+        *itertools.accumulate(p - n for p, n in zip(padded[:-1], counts[:-1])),
+    ]  # padding rows before each group
     device = token_N.device
     shift_N = torch.tensor(shift, device=device).repeat_interleave(torch.tensor(counts, device=device))
     pos_N = torch.arange(len(token_N), device=device) + shift_N
@@ -138,6 +142,22 @@ def _pad_groups(token_N: Tensor, weight_N: Tensor, counts: list[int], bucket: in
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+class LocalDispatch:
+    """Every expert is on this process: the assignments, sorted by expert, go straight to
+    them. `received` is the number of assignments of the last call; `sent_bytes` is 0."""
+
+    received, sent_bytes = 0, 0
+
+    def __call__(self, experts: Experts, x_TD: Tensor, token_N: Tensor, weight_N: Tensor, load_E: Tensor) -> Tensor:
+        self.received = token_N.numel()
+        # The host-device synchronization dispatch needs: the expert loop slices each
+        # expert's rows on the host, so it must know the counts. The gate adds one only
+        # where a count depends on the data: the non-padding tokens, when it is given a
+        # padding mask (the transformer always gives one), and the tokens an adaptive
+        # gate sends to two experts.
+        return experts(x_TD, token_N, weight_N, load_E.tolist())
 
 
 class MoELayer(nn.Module):
@@ -168,16 +188,7 @@ class MoELayer(nn.Module):
         self.experts = Experts(d_model, d_ff, num_experts, ACTIVATIONS[activation])
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
-        self.ep_group = None
-
-    def shard(self, group=None):
-        """Expert parallelism: keep this rank's E/W experts; tokens reach them by all-to-all."""
-        W, rank = dist.get_world_size(group), dist.get_rank(group)
-        if self.num_experts % W:
-            raise ConfigError(f"expert parallelism needs num_experts ({self.num_experts}) divisible by the {W} ranks")
-        local = self.num_experts // W
-        self.experts.shard(rank * local, local)
-        self.ep_group = group if group is not None else dist.group.WORLD
+        self.dispatcher = LocalDispatch()  # `adamoe.parallel.shard_experts` swaps in all-to-all
 
     def forward(self, x_BSD: Tensor, padding_mask_BS: Tensor | None = None) -> tuple[Tensor, Routing]:
         B, S, D = x_BSD.shape
@@ -186,19 +197,8 @@ class MoELayer(nn.Module):
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * routing.token_index_N.numel() / self.num_experts)
             routing = routing.with_capacity(capacity)
-        y_TD, routing = self.dispatch(x_TD, routing)
-        return y_TD.view(B, S, D), routing
-
-    def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Routing]:
-        """Sort assignments by expert; the experts gather, compute and scatter-add back."""
+        # Sorted by expert, the experts gather, compute and scatter-add back.
         order_N = torch.argsort(routing.expert_index_N, stable=True)
         token_N, weight_N = routing.token_index_N[order_N], routing.weight_N[order_N]
-        if self.ep_group is None:
-            # The host-device synchronization dispatch needs: the expert loop slices each
-            # expert's rows on the host, so it must know the counts. The gate adds one only
-            # where a count depends on the data: the non-padding tokens, when it is given a
-            # padding mask (the transformer always gives one), and the tokens an adaptive
-            # gate sends to two experts.
-            return self.experts(x_TD, token_N, weight_N, routing.expert_load_E.tolist()), routing
-        y_TD, received, sent = parallel_dispatch(self.experts, x_TD, token_N, weight_N, routing.expert_load_E, self.ep_group)
-        return y_TD, replace(routing, ep_received=received, ep_bytes=sent)
+        y_TD = self.dispatcher(self.experts, x_TD, token_N, weight_N, routing.expert_load_E)
+        return y_TD.view(B, S, D), routing

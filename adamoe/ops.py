@@ -1,8 +1,8 @@
 """Ops the model uses in place of PyTorch's where PyTorch's are slow on CPU.
 
 `benchmarks/throughput.py --profile` shows what each replaces: on CPU, torch's dropout
-draws one Mersenne-Twister number per element (about a sixth of a Multi30k training
-step), and its flash-attention backward in bf16 runs slower than the three ops below.
+draws one Mersenne-Twister number per element, and its flash-attention backward in
+bf16 runs slower than the three ops below (benchmarks/README.md, "Speed").
 On CUDA these two fall back to PyTorch. The output projection and the two
 cross-entropies over the vocabulary (label-smoothed and plain) are one op, so the
 [T, V] logits and their gradient are never stored.
@@ -57,11 +57,15 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def attention(q_BHSd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, mask=None, dropout_p: float = 0.0, is_causal: bool = False) -> Tensor:
+def attention(
+    q_BHSd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, mask=None, dropout_p: float = 0.0, is_causal: bool = False
+) -> Tensor:
     """Scaled dot-product attention. `mask` is boolean, True where a query may attend."""
     slow_backward = q_BHSd.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
     if q_BHSd.device.type != "cpu" or (dropout_p == 0.0 and not slow_backward):
-        return F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        return F.scaled_dot_product_attention(
+            q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+        )
     return math_attention(q_BHSd, k_BHSd, v_BHSd, mask, dropout_p, is_causal)
 
 
@@ -69,7 +73,9 @@ def math_attention(q_BHSd, k_BHSd, v_BHSd, mask=None, dropout_p: float = 0.0, is
     """Attention as three ops; the softmax in fp32."""
     s_BHSS = (q_BHSd * (1.0 / math.sqrt(q_BHSd.shape[-1]))) @ k_BHSd.transpose(-1, -2)
     if is_causal:
-        mask = torch.ones(s_BHSS.shape[-2:], dtype=torch.bool, device=s_BHSS.device).tril()  # top-left, as SDPA aligns it
+        mask = torch.ones(
+            s_BHSS.shape[-2:], dtype=torch.bool, device=s_BHSS.device
+        ).tril()  # top-left, as SDPA aligns it
     if mask is not None:
         s_BHSS = s_BHSS.masked_fill(~mask, float("-inf"))
     probs_BHSS = dropout(s_BHSS.float().softmax(-1), dropout_p).to(v_BHSd.dtype)
@@ -145,7 +151,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         soft, uniform = g_smoothed + g_nll, s * g_smoothed / V
         at_target_T = scale_T * ((1 - s) * g_smoothed + g_nll)
         acc = grad_w_VD.dtype
-        grad_h = soft * grad_h_TD.to(acc) - at_target_T[:, None] * weight_VD[safe_T].to(acc) - uniform * torch.outer(scale_T, sum_w_D)
+        grad_h = (
+            soft * grad_h_TD.to(acc)
+            - at_target_T[:, None] * weight_VD[safe_T].to(acc)
+            - uniform * torch.outer(scale_T, sum_w_D)
+        )
         grad_w = (soft * grad_w_VD).index_add_(0, safe_T, at_target_T[:, None] * h_TD.to(acc), alpha=-1)
         grad_w -= uniform * (scale_T @ h_TD.to(acc))
         return grad_h.to(h_TD.dtype), grad_w.to(weight_VD.dtype), None, None, None, None
@@ -164,4 +174,6 @@ def linear_cross_entropy(
     train = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
     # The blocks write into preallocated outputs, which autocast cannot see through.
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(h_TD.to(dtype), weight_VD.to(dtype), target_T, ignore_index, label_smoothing, train)
+        return _LinearCrossEntropy.apply(
+            h_TD.to(dtype), weight_VD.to(dtype), target_T, ignore_index, label_smoothing, train
+        )

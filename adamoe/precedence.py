@@ -24,7 +24,8 @@ Key = tuple[str, ...]
 
 
 def _plain(path: Iterable[str]) -> Key:
-    """A key without jsonargparse's `init_args` levels: `net.init_args.gate.init_args.k` and `net.gate.k` are one key."""
+    """A key without jsonargparse's `init_args` levels: `net.init_args.gate.init_args.k`
+    and `net.gate.k` are one key."""
     return tuple(p for p in path if p != "init_args")
 
 
@@ -91,7 +92,9 @@ def check_imports(file: str):
         try:
             imported = importlib.import_module(module)
         except Exception as e:  # whatever the module raised while it was imported
-            raise ConfigError(f"{file}:{number}: class_path {found[1]}: importing {module} failed: {type(e).__name__}: {e}") from None
+            raise ConfigError(
+                f"{file}:{number}: class_path {found[1]}: importing {module} failed: {type(e).__name__}: {e}"
+            ) from None
         if not hasattr(imported, name):
             raise ConfigError(f"{file}:{number}: class_path {found[1]}: {module} has no {name}")
 

@@ -33,7 +33,9 @@ def resolve_last(config, subcommand: str) -> str | None:
     last = found[-1] if found and found[-1].is_file() else None
     config.ckpt_path = str(last) if last is not None else None
     if last is None and subcommand != "fit":
-        raise CheckpointError(f"--ckpt_path last: no run with a last.ckpt in {where}; {subcommand} needs trained weights")
+        raise CheckpointError(
+            f"--ckpt_path last: no run with a last.ckpt in {where}; {subcommand} needs trained weights"
+        )
     if last is None:
         rank_zero_info(f"--ckpt_path last: no run with a last.ckpt in {where} yet; starting a new run")
     return config.ckpt_path

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from adamoe.blocks import Block, FeedForward, sinusoidal_positions
@@ -14,7 +13,6 @@ from adamoe.errors import ConfigError
 from adamoe.gates import Gate, Routing, Top2Gate
 from adamoe.moe import MoELayer
 from adamoe.ops import Dropout
-from adamoe.parallel import agree
 
 GateFactory = Callable[[int, int], Gate]
 
@@ -67,8 +65,28 @@ class Network(Protocol):
     def moe_layers(self) -> list[MoELayer]: ...
 
 
+class LocalSteps:
+    """How many decoding steps to take, and whether all sequences are done: this process's
+    own answer. `adamoe.parallel.shard_experts` swaps in one that every rank agrees on,
+    since each step of a model with sharded experts needs every rank."""
+
+    def limit(self, steps: int) -> int:
+        return steps
+
+    def all_done(self, done: Tensor) -> bool:
+        return bool(done.all())
+
+
 # The least each size may be.
-SIZES = {"d_model": 1, "n_heads": 1, "d_ff": 1, "num_experts": 1, "moe_every": 0, "num_encoder_layers": 0, "num_decoder_layers": 0}
+SIZES = {
+    "d_model": 1,
+    "n_heads": 1,
+    "d_ff": 1,
+    "num_experts": 1,
+    "moe_every": 0,
+    "num_encoder_layers": 0,
+    "num_decoder_layers": 0,
+}
 
 
 class Transformer(nn.Module):
@@ -86,8 +104,11 @@ class Transformer(nn.Module):
         layers = (c.num_encoder_layers, c.num_decoder_layers)
         too_small = [f"{n} must be at least {m}, got {getattr(c, n)}" for n, m in SIZES.items() if getattr(c, n) < m]
         if too_small or not any(layers):
-            raise ConfigError(too_small[0] if too_small else "num_encoder_layers and num_decoder_layers cannot both be 0")
+            raise ConfigError(
+                too_small[0] if too_small else "num_encoder_layers and num_decoder_layers cannot both be 0"
+            )
         self.config = config
+        self.decode_steps = LocalSteps()
         self.pad_id = pad_id
         self.d_model = c.d_model
         self.embed = nn.Embedding(vocab_size, c.d_model, padding_idx=pad_id)
@@ -101,7 +122,9 @@ class Transformer(nn.Module):
             if c.moe_every and (i + 1) % c.moe_every == 0:
                 self.moe_layer_names.append(f"{stack}.{i}")
                 self.moe_layer_sides.append("source" if stack == "enc" else "target")
-                return MoELayer(c.d_model, c.d_ff, c.num_experts, c.gate(c.d_model, c.num_experts), c.activation, c.capacity_factor)
+                return MoELayer(
+                    c.d_model, c.d_ff, c.num_experts, c.gate(c.d_model, c.num_experts), c.activation, c.capacity_factor
+                )
             return FeedForward(c.d_model, c.d_ff, c.activation, c.ffn_bias)
 
         self.encoder = nn.ModuleList(
@@ -148,18 +171,36 @@ class Transformer(nn.Module):
             routings += [r] if r is not None else []
         return self.encoder_norm(x), routings
 
-    def decode(self, tgt_BS, memory_BSD=None, src_pad_BS=None, tgt_pad_BS=None, cache=None, start: int = 0, project: bool = True):
+    def decode(
+        self,
+        tgt_BS,
+        memory_BSD=None,
+        src_pad_BS=None,
+        tgt_pad_BS=None,
+        cache=None,
+        start: int = 0,
+        project: bool = True,
+    ):
         """Decoder logits, or with `project=False` the states `output` projects (for a loss that
         fuses it, `ops.linear_cross_entropy`). Decoder-only models pass no `memory_BSD`."""
         memory_mask = None if memory_BSD is None else ~src_pad_BS[:, None, None, :]
         x, routings = self._embed(tgt_BS, start), []
         for i, block in enumerate(self.decoder):
-            x, r = block(x, tgt_pad_BS, causal=True, cache=None if cache is None else cache[i], memory=memory_BSD, memory_mask=memory_mask)
+            x, r = block(
+                x,
+                tgt_pad_BS,
+                causal=True,
+                cache=None if cache is None else cache[i],
+                memory=memory_BSD,
+                memory_mask=memory_mask,
+            )
             routings += [r] if r is not None else []
         x = self.decoder_norm(x)
         return self.output(x) if project else x, routings
 
-    def forward(self, src_BS, tgt_in_BS, src_pad_BS=None, tgt_pad_BS=None, project: bool = True) -> tuple[Tensor, list[Routing]]:
+    def forward(
+        self, src_BS, tgt_in_BS, src_pad_BS=None, tgt_pad_BS=None, project: bool = True
+    ) -> tuple[Tensor, list[Routing]]:
         src_pad_BS = src_BS.eq(self.pad_id) if src_pad_BS is None else src_pad_BS
         tgt_pad_BS = tgt_in_BS.eq(self.pad_id) if tgt_pad_BS is None else tgt_pad_BS
         memory, enc_routings = self.encode(src_BS, src_pad_BS)
@@ -189,7 +230,7 @@ class Transformer(nn.Module):
         scores[:, 1:] = float("-inf")  # all beams start identical: keep one alive
         done = torch.zeros(B * K, dtype=torch.bool, device=src_BS.device)
         cache = [{} for _ in self.decoder] if use_cache else None
-        for t in range(agree(self, max_len, dist.ReduceOp.MAX)):
+        for t in range(self.decode_steps.limit(max_len)):
             if t >= max_len:  # only keeping other ranks company: freeze every beam
                 done = torch.ones_like(done)
             if use_cache:
@@ -213,7 +254,7 @@ class Transformer(nn.Module):
             if cache is not None:
                 for c in cache:
                     c["k"], c["v"] = c["k"][rows], c["v"][rows]
-            if agree(self, int(done.all()), dist.ReduceOp.MIN):
+            if self.decode_steps.all_done(done):
                 break
         out = ys[:, 1 : max_len + 1]
         lengths = out.ne(self.pad_id).sum(1).clamp_min(1).view(B, K).float()
@@ -222,7 +263,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def continue_text(
-        self, prefix_BS: Tensor, eos_id: int, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, generator=None
+        self,
+        prefix_BS: Tensor,
+        eos_id: int,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        generator=None,
     ) -> Tensor:
         """Decoder-only continuation of equal-length prompts: greedy at temperature 0, else
         sampled (from the `top_k` most likely tokens when top_k > 0). Returns the new
@@ -231,7 +278,7 @@ class Transformer(nn.Module):
         logits, _ = self.decode(prefix_BS, cache=cache)
         done = torch.zeros(prefix_BS.shape[0], dtype=torch.bool, device=prefix_BS.device)
         out = []
-        for t in range(agree(self, max_new_tokens, dist.ReduceOp.MAX)):
+        for t in range(self.decode_steps.limit(max_new_tokens)):
             if t >= max_new_tokens:
                 done = torch.ones_like(done)
             last = logits[:, -1].float()
@@ -245,7 +292,7 @@ class Transformer(nn.Module):
             token = token.masked_fill(done, self.pad_id)
             out.append(token)
             done = done | token.eq(eos_id)
-            if agree(self, int(done.all()), dist.ReduceOp.MIN):
+            if self.decode_steps.all_done(done):
                 break
             logits, _ = self.decode(token.unsqueeze(1), cache=cache, start=prefix_BS.shape[1] + t)
         return torch.stack(out, 1)[:, :max_new_tokens]

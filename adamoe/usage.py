@@ -12,7 +12,7 @@ from docstring_parser import parse
 from lightning.pytorch import Trainer
 
 from adamoe import dynamic_gates, gates
-from adamoe.data import sources
+from adamoe.data import sources, tables
 from adamoe.data.datamodule import TextData
 from adamoe.transformer import TransformerConfig
 
@@ -56,7 +56,11 @@ def summary(cls) -> str:
 
 def classes(module, base) -> list[type]:
     """The subclasses of `base` defined in `module`, in the order they are defined."""
-    return [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, base) and c.__module__ == module.__name__]
+    return [
+        c
+        for c in vars(module).values()
+        if isinstance(c, type) and issubclass(c, base) and c.__module__ == module.__name__
+    ]
 
 
 def entry(key: str, text: str, default=MISSING, indent: int = 2) -> list[str]:
@@ -104,7 +108,7 @@ def subcommand(name: str) -> str:
 
     lines += ["", "Data: --data.source CLASS, then --data.source.KEY for its arguments; --data.KEY"]
     generated = [c for c in classes(sources, sources.Generated) if c is not sources.Generated]
-    for cls in classes(sources, sources.DataSource):
+    for cls in classes(sources, sources.DataSource) + classes(tables, sources.DataSource):
         if cls not in (sources.DataSource, sources.Generated, *generated):
             args = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
             lines += entry(cls.__name__, f"{summary(cls).split('. ')[0]}. Arguments: {', '.join(args)}")

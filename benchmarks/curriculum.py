@@ -70,7 +70,9 @@ def main():
     ap.add_argument("--orders", nargs="+", default=["none", "random", "paper"])
     ap.add_argument("--out", default=None, help="log folder (default: a temporary one)")
     ap.add_argument("--ep-ranks", type=int, default=8, help="the Curriculum callback's ep_ranks (the modeled GPUs)")
-    ap.add_argument("--assignment-us", type=float, default=0.0, help="microseconds per expert assignment, to model time")
+    ap.add_argument(
+        "--assignment-us", type=float, default=0.0, help="microseconds per expert assignment, to model time"
+    )
     ap.add_argument("extra", nargs="*", help="more train.py arguments, after --")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="adamoe-curriculum-"))
@@ -81,13 +83,16 @@ def main():
     print(
         f"{'curriculum':<11}{'epoch s':>9}{'EP cost':>11}{'per token':>10}{'imbalance':>10}{'model s':>9}"
         f"{'batch std':>11}{'random std':>11}"
-          f"{'spearman':>10}{'val loss':>10}{'val bleu':>10}")  # fmt: skip
+        f"{'spearman':>10}{'val loss':>10}{'val bleu':>10}"
+    )
     for c, r in rows.items():
         per_token = r["ep_cost"] / max(r["tokens"], 1)
         imbalance = args.ep_ranks * r["ep_cost"] / r["ep_assignments"]
         modeled = r["ep_cost"] * args.assignment_us * 1e-6
-        print(f"{c:<11}{r['epoch_s']:>9.1f}{r['ep_cost']:>11.0f}{per_token:>10.4f}{imbalance:>10.3f}{modeled:>9.2f}{r['std']:>11.4f}"
-              f"{r['std_random']:>11.4f}{r['spearman']:>10.3f}{r['val_loss']:>10.3f}{r['val_bleu']:>10.2f}")  # fmt: skip
+        print(
+            f"{c:<11}{r['epoch_s']:>9.1f}{r['ep_cost']:>11.0f}{per_token:>10.4f}{imbalance:>10.3f}{modeled:>9.2f}{r['std']:>11.4f}"
+            f"{r['std_random']:>11.4f}{r['spearman']:>10.3f}{r['val_loss']:>10.3f}{r['val_bleu']:>10.2f}"
+        )
 
 
 if __name__ == "__main__":

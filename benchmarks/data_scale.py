@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adamoe.data.batching import ShardedBatchSampler  # noqa: E402
+from adamoe.data.sampler import ShardedBatchSampler  # noqa: E402
 from adamoe.data.store import Split  # noqa: E402
 
 
@@ -50,7 +50,10 @@ def cpu_model() -> str:
 def generate(multi30k: Path, pairs: int, out: Path, seed: int = 0):
     """`pairs` lines per language, each two random Multi30k training sentences joined."""
     out.mkdir(parents=True, exist_ok=True)
-    lines = {lang: np.array(gzip.open(multi30k / f"train.{lang}.gz", "rt").read().splitlines(), dtype=object) for lang in ("de", "en")}
+    lines = {
+        lang: np.array(gzip.open(multi30k / f"train.{lang}.gz", "rt").read().splitlines(), dtype=object)
+        for lang in ("de", "en")
+    }
     rng = np.random.default_rng(seed)
     files = {lang: open(out / f"train.{lang}", "w") for lang in lines}
     for start in range(0, pairs, 500_000):
@@ -111,7 +114,10 @@ def bpe_sample_effect(multi30k: Path, pairs: int, samples: list[int], work: Path
     source = ParallelText(str(corpus), "de", "en", test=None)
 
     def texts():
-        return ([t for col in ("source", "target") for t in chunk.column(col).to_pylist()] for chunk in source.chunks("train"))
+        return (
+            [t for col in ("source", "target") for t in chunk.column(col).to_pylist()]
+            for chunk in source.chunks("train")
+        )
 
     val = [t for col in ("source", "target") for t in source.load("val")[col]]
     started = time.perf_counter()
@@ -136,19 +142,35 @@ def size_gb(folder: Path) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k", help="Multi30k: {train,val,test_2016_flickr}.{de,en}.gz"
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "multi30k",
+        help="Multi30k: {train,val,test_2016_flickr}.{de,en}.gz",
     )
     p.add_argument("--pairs", type=int, nargs="+", default=[1_000_000, 4_000_000, 10_000_000])
     p.add_argument("--quick", action="store_true", help="one corpus of 20k pairs")
     p.add_argument("--work", type=Path, help="where corpora and caches go (default: a temporary folder, removed after)")
-    p.add_argument("--bpe-samples", type=int, nargs="*", help="instead: BPE from samples of these sizes against all, on --pairs[0]")
+    p.add_argument(
+        "--bpe-samples", type=int, nargs="*", help="instead: BPE from samples of these sizes against all, on --pairs[0]"
+    )
     args = p.parse_args()
     sizes = [20_000] if args.quick else args.pairs
     work = Path(args.work or tempfile.mkdtemp(prefix="adamoe-scale-"))
     if args.bpe_samples:
         return bpe_sample_effect(args.data, sizes[0], args.bpe_samples, work)
     print(f"# data_scale on {cpu_model()}, {os.cpu_count()} cores; times in s, memory in GB (peak RSS)")
-    columns = ["pairs", "first run", "prep pairs/s", "RSS", "tokenizer cached", "prep pairs/s", "RSS", "cached run", "RSS", "cache GB"]
+    columns = [
+        "pairs",
+        "first run",
+        "prep pairs/s",
+        "RSS",
+        "tokenizer cached",
+        "prep pairs/s",
+        "RSS",
+        "cached run",
+        "RSS",
+        "cache GB",
+    ]
     print("| " + " | ".join([*columns, "order length", "order paper"]) + " |")
     print("|---" * 12 + "|")
     rows = []
@@ -164,10 +186,18 @@ def main():
             cached = fit(corpus, cache, logs, "cached")
             orders = ordering_seconds(cache)
             prep, prep_tok = first[0] - cached[0], tok_cached[0] - cached[0]
-            row = dict(pairs=pairs, prep=prep, rss_first=first[1], rss_cached=cached[1], cache=size_gb(cache / "datasets"), **orders)
+            row = dict(
+                pairs=pairs,
+                prep=prep,
+                rss_first=first[1],
+                rss_cached=cached[1],
+                cache=size_gb(cache / "datasets"),
+                **orders,
+            )
             rows.append(row)
             print(
-                f"| {pairs:,} | {first[0]:.0f} | {pairs / prep:,.0f} | {first[1]:.2f} | {tok_cached[0]:.0f} | {pairs / prep_tok:,.0f} "
+                f"| {pairs:,} | {first[0]:.0f} | {pairs / prep:,.0f} | {first[1]:.2f} | {tok_cached[0]:.0f} | "
+                f"{pairs / prep_tok:,.0f} "
                 f"| {tok_cached[1]:.2f} | {cached[0]:.0f} | {cached[1]:.2f} | {row['cache']:.2f} "
                 f"| {orders['length']:.2f} | {orders['paper']:.2f} |",
                 flush=True,

@@ -26,7 +26,7 @@ import torch
 from step_time import ROOT, data_module, load
 
 from adamoe.data.batch import token_counts
-from adamoe.data.batching import ShardedBatchSampler
+from adamoe.data.sampler import ShardedBatchSampler
 
 ORDERS = {"none": "length", "random": "random", "paper": "paper"}
 
@@ -93,10 +93,19 @@ def main():
             "modeled_ms_per_epoch": biggest * args.cost_ms if args.cost_ms else None,
             "epochs": [{"max_load": b, "assignments": t} for b, t in waits],
         }
-    out = {"run": args.run, "checkpoint": summary["checkpoint"], "groups": args.groups, "tokens_per_epoch": tokens, "cost_ms": args.cost_ms}
+    out = {
+        "run": args.run,
+        "checkpoint": summary["checkpoint"],
+        "groups": args.groups,
+        "tokens_per_epoch": tokens,
+        "cost_ms": args.cost_ms,
+    }
     out["orders"] = results
     (args.runs.parent / "ep_orders.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"routing of {args.run}, {args.groups} expert groups, {tokens:,} tokens an epoch, mean over {args.epochs} epochs' orders")
+    print(
+        f"routing of {args.run}, {args.groups} expert groups, {tokens:,} tokens an epoch, mean over {args.epochs} "
+        "epochs' orders"
+    )
     print(f"{'order':<8}{'largest group load / token':>28}{'imbalance':>11}{'vs none':>9}{'modeled s/epoch':>17}")
     for name, r in results.items():
         modeled = f"{r['modeled_ms_per_epoch'] / 1e3:.1f}" if args.cost_ms else "n/a"

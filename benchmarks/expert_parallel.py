@@ -34,9 +34,34 @@ def scalars(run_dir: Path) -> dict:
 
 def run(config, gate, ep: bool, steps: int, out: Path) -> dict:
     name = f"{gate}-{'ep' if ep else 'ddp'}"
-    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", config, *GATES[gate], "--model.expert_parallel", str(ep).lower()]
-    cmd += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps)]
-    cmd += ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "fit",
+        "--config",
+        config,
+        *GATES[gate],
+        "--model.expert_parallel",
+        str(ep).lower(),
+    ]
+    cmd += [
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        str(steps),
+    ]
+    cmd += [
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     cmd += ["--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     run_dir = max((out / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -45,7 +70,8 @@ def run(config, gate, ep: bool, steps: int, out: Path) -> dict:
     received = [v for k, vs in tb.items() if k.endswith("ep_received_max") for v in vs]
     return {
         "step_s": sum(e["max_s"] for e in epochs) / steps,
-        "bytes": sum(tb.get("experts/model/ep_bytes_per_step", [0])) / max(1, len(tb.get("experts/model/ep_bytes_per_step", []))),
+        "bytes": sum(tb.get("experts/model/ep_bytes_per_step", [0]))
+        / max(1, len(tb.get("experts/model/ep_bytes_per_step", []))),
         "received_max": sum(received) / max(1, len(received)),
     }
 
@@ -61,7 +87,8 @@ def main():
     for gate in GATES:
         ep, ddp = run(args.config, gate, True, args.steps, out), run(args.config, gate, False, args.steps, out)
         print(
-            f"{gate:<10}{ep['bytes'] / 1e6:>13.3f}{ep['received_max']:>16.0f}{ep['step_s']:>11.3f}{ddp['step_s']:>12.3f}"
+            f"{gate:<10}{ep['bytes'] / 1e6:>13.3f}{ep['received_max']:>16.0f}"
+            f"{ep['step_s']:>11.3f}{ddp['step_s']:>12.3f}"
             f"{ep['step_s'] / ddp['step_s']:>8.2f}"
         )
 

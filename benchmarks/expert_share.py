@@ -31,8 +31,18 @@ def main():
         f"configs/gate/{args.gate}.yaml",
     ]
     sys.argv = ["train.py"]
-    run = cli([*sum((["--config", str(ROOT / c)] for c in configs), []), "--data.source.init_args.root", str(args.data),
-               "--data.init_args.curriculum", "none", "--data.init_args.cache_dir", str(ROOT / "data")], run=False)  # fmt: skip
+    run = cli(
+        [
+            *sum((["--config", str(ROOT / c)] for c in configs), []),
+            "--data.source.init_args.root",
+            str(args.data),
+            "--data.init_args.curriculum",
+            "none",
+            "--data.init_args.cache_dir",
+            str(ROOT / "data"),
+        ],
+        run=False,
+    )
     dm, module = run.datamodule, run.model
     dm.prepare_data()
     dm.setup("fit")

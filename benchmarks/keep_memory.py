@@ -16,7 +16,7 @@ import sys
 import torch
 from throughput import cpu_model, multi30k_times
 
-from adamoe.callbacks import keep_freed_memory
+from adamoe.memory import keep_freed_memory
 
 
 def main():
@@ -33,13 +33,27 @@ def main():
         times = multi30k_times(args.data, args.batches, args.repeats)
         print(json.dumps({name: statistics.median(ts) for name, ts in times.items()}))
         return
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Multi30k step from {args.data or 'its shapes'}")
+    print(
+        f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Multi30k step from "
+        f"{args.data or 'its shapes'}"
+    )
     pairs = []
     for _ in range(args.pairs):
         medians = {}
         for mode in ("default", "kept"):
-            command = [sys.executable, __file__, "--child", mode, "--batches", str(args.batches), "--repeats", str(args.repeats)]
-            out = subprocess.run(command + (["--data", args.data] if args.data else []), capture_output=True, text=True, check=True)
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--batches",
+                str(args.batches),
+                "--repeats",
+                str(args.repeats),
+            ]
+            out = subprocess.run(
+                command + (["--data", args.data] if args.data else []), capture_output=True, text=True, check=True
+            )
             medians[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         pairs.append(medians)
         print(" ".join(f"{mode} {name} {t:.3f} s" for mode, m in medians.items() for name, t in m.items()), flush=True)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from throughput import timed
 
-from adamoe.callbacks import keep_freed_memory
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
+from adamoe.memory import keep_freed_memory
 from adamoe.moe import MoELayer
 
 
@@ -130,7 +130,10 @@ def main():
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     memory = "kept" if kept else "returned"
-    print(f"MoE layer fwd+bwd, {T} tokens, d_model {D}, d_ff {Fd}, {E} experts, fp32, {where}, {args.repeats} repeats, memory {memory}")
+    print(
+        f"MoE layer fwd+bwd, {T} tokens, d_model {D}, d_ff {Fd}, {E} experts, fp32, {where}, {args.repeats} repeats, "
+        f"memory {memory}"
+    )
     print(f"{'gate':<22}{'computation':>12}{'time':>8}{'median ms':>11}")
     for name in rows:
         print(f"{name:<22}{computation[name]:>12.3f}{ratio[name]:>8.3f}{med[name] * 1e3:>11.1f}")

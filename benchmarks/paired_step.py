@@ -34,14 +34,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def own_batches(data: Path, summary: dict, checkpoint: Path, n: int) -> list[dict]:
     """The next `n` training batches of the run at `checkpoint`, as its sampler would give them."""
     cfg = summary["data"]
-    dm = TranslationData(ParallelText(str(data), "de", "en", test="test_2016_flickr"), **{**cfg, "cache_dir": str(ROOT / cfg["cache_dir"])})
+    dm = TranslationData(
+        ParallelText(str(data), "de", "en", test="test_2016_flickr"),
+        **{**cfg, "cache_dir": str(ROOT / cfg["cache_dir"])},
+    )
     dm.prepare_data()
     dm.setup("fit")
     dm.train_sampler.load_state_dict(torch.load(checkpoint, weights_only=True)["TranslationData"]["train_sampler"])
     return [batch for batch, _ in zip(dm.train_dataloader(), range(n))]
 
 
-def paired_ratios(arm: Callable, top2: Callable, batches: list, repeats: int, step: Callable, clock=time.perf_counter) -> list[float]:
+def paired_ratios(
+    arm: Callable, top2: Callable, batches: list, repeats: int, step: Callable, clock=time.perf_counter
+) -> list[float]:
     """`repeats` ratios of the arm's summed step time to top-2's on the same `batches`.
     `arm` and `top2` give a fresh (module, optimizer) each repeat."""
     ratios = []
@@ -82,12 +87,16 @@ def main():
         partner = top2.get(r["seed"], next(iter(top2.values())))
         for ckpt in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:
             batches = own_batches(args.data, r, ckpt, args.batches)
-            ratios = paired_ratios(lambda c=ckpt: load(str(c)), lambda p=partner: load(str(p)), batches, args.repeats, train_step)
+            ratios = paired_ratios(
+                lambda c=ckpt: load(str(c)), lambda p=partner: load(str(p)), batches, args.repeats, train_step
+            )
             arms.setdefault(r["name"], []).extend(ratios)
             print(f"{r['name']} s{r['seed']} {ckpt.name}: {', '.join(f'{x:.3f}' for x in ratios)}", flush=True)
     result = {
         "machine": {"cpu": cpu_model(), "node": platform.node(), "threads": torch.get_num_threads()},
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
         "date": time.strftime("%Y-%m-%d"),
         "batches": args.batches,
         "repeats": args.repeats,

@@ -87,7 +87,10 @@ def source(args) -> Path:
     curve = [{"step": s, "value": v} for s, v in series(folder / "fit")["val/loss"]]
     args.store.mkdir(parents=True, exist_ok=True)
     summary.write_text(
-        json.dumps({"steps": SOURCE_STEPS, "curve": curve, "checkpoint": str(last), "sha256": sha256(last), "command": fit}, indent=1)
+        json.dumps(
+            {"steps": SOURCE_STEPS, "curve": curve, "checkpoint": str(last), "sha256": sha256(last), "command": fit},
+            indent=1,
+        )
     )
     return last
 
@@ -106,7 +109,11 @@ def train(args):
         gates, extra, _ = ARMS[name]
         seeded = [*extra, "--data.init_args.seed", str(seed), "--model.init_args.convert_from", str(checkpoint)]
         r = run(name, seed, args, (gates, seeded), BASE)
-        r |= {"source": {"checkpoint": str(checkpoint), "sha256": sha256(checkpoint)}, "data_seed": seed, "protocol": "paper"}
+        r |= {
+            "source": {"checkpoint": str(checkpoint), "sha256": sha256(checkpoint)},
+            "data_seed": seed,
+            "protocol": "paper",
+        }
         summary.write_text(json.dumps(r, indent=1) + "\n")
         print(f"{summary.name}: {r['steps']} steps, test BLEU {r['test_bleu']:.2f}", flush=True)
 
@@ -125,7 +132,8 @@ def report(runs: dict[str, list[dict]], store: Path) -> str:
     out = [
         "# Replication on Multi30k De→En, the paper's protocol (dense model converted into MoE)",
         "",
-        f"Built by `python benchmarks/replicate.py --protocol paper --report-only` from `{os.path.relpath(store, ROOT)}`. "
+        "Built by `python benchmarks/replicate.py --protocol paper --report-only` from "
+        f"`{os.path.relpath(store, ROOT)}`. "
         f"Every arm starts from one dense checkpoint trained {SOURCE_STEPS} steps and trains {STEPS} steps; "
         "a seed sets the new weights and the data order. Targets are top-2's mean val/loss at the steps in the header; "
         "cells give each arm's steps to reach it divided by top-2's mean steps.",
@@ -145,7 +153,8 @@ def report(runs: dict[str, list[dict]], store: Path) -> str:
     out += [
         "",
         "Cells: steps to the target / top-2's mean steps; then, where the step time was measured, the normalized time "
-        "(steps ratio x paired step-time ratio) with its interval (the steps ratios' min-max times the step ratio's 90% interval).",
+        "(steps ratio x paired step-time ratio) with its interval (the steps ratios' min-max times the step ratio's "
+        "90% interval).",
         "",
         f"| arm | seeds | paired step time vs top-2 | {head} | test BLEU | two-expert share |",
         "|---" * (len(targets) + 5) + "|",
@@ -168,7 +177,9 @@ def report(runs: dict[str, list[dict]], store: Path) -> str:
             cells.append(cell)
         step = f"{st['median']:.3f} [{st['interval'][0]:.3f}-{st['interval'][1]:.3f}]" if st else "not measured"
         share = spread([100 * r["two_expert_share"] for r in rs if r.get("two_expert_share") is not None], ".1f")
-        out.append(f"| {name} | {len(rs)} | {step} | {' | '.join(cells)} | {spread([r['test_bleu'] for r in rs])} | {share} |")
+        out.append(
+            f"| {name} | {len(rs)} | {step} | {' | '.join(cells)} | {spread([r['test_bleu'] for r in rs])} | {share} |"
+        )
     out += ["", "## The paper's claims", ""] + claims(runs, normalized) + waits(store.parent / "curriculum_wait.json")
     out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU |", "|---|---|---|---|---|"]
     out += [
@@ -199,10 +210,12 @@ def claims(runs: dict[str, list[dict]], normalized: dict[str, dict[int, tuple[fl
         if len(top2) < 3 or len(other) < 3:
             return "not decided (fewer than 3 seeds)"
         inside = min(top2) <= statistics.mean(other) <= max(top2)
-        return f"{'inside' if inside else 'outside'} top-2's [{min(top2):.2f}-{max(top2):.2f}] (mean {statistics.mean(other):.2f})"
+        where = "inside" if inside else "outside"
+        return f"{where} top-2's [{min(top2):.2f}-{max(top2):.2f}] (mean {statistics.mean(other):.2f})"
 
     return [
-        f"- Adaptive T=0.1 without the curriculum at most 0.85x top-2's normalized time: {verdict('adaptive-no-curriculum', 0.85)}.",
+        "- Adaptive T=0.1 without the curriculum at most 0.85x top-2's normalized time: "
+        f"{verdict('adaptive-no-curriculum', 0.85)}.",
         f"- ... with test BLEU inside top-2's min-max: {bleu_inside('adaptive-no-curriculum')}.",
         f"- Adaptive with the paper's curriculum at most 0.85x top-2's: {verdict('adaptive', 0.85)}.",
     ]
@@ -215,11 +228,15 @@ def waits(path: Path) -> list[str]:
     w = json.loads(path.read_text())
     out = [
         "",
-        f"Measured wait (`benchmarks/curriculum_wait.py`): {w['run']} s{w['seed']} from step {w['from_step']}, {w['steps']} steps "
-        f"per order, 2 processes with half the experts each, on {w['machine']['cpu']} ({w['date']}); medians over steps.",
+        f"Measured wait (`benchmarks/curriculum_wait.py`): {w['run']} s{w['seed']} from step {w['from_step']}, "
+        f"{w['steps']} steps "
+        f"per order, 2 processes with half the experts each, on {w['machine']['cpu']} ({w['date']}); medians over "
+        "steps.",
         "",
         "| order | larger rank's wait in the exchanges (s) | step (s) | wait share of the step |",
         "|---|---|---|---|",
     ]
-    out += [f"| {o} | {v['wait_s_max']:.4f} | {v['step_s']:.3f} | {v['wait_share']:.1%} |" for o, v in w["orders"].items()]
+    out += [
+        f"| {o} | {v['wait_s_max']:.4f} | {v['step_s']:.3f} | {v['wait_share']:.1%} |" for o, v in w["orders"].items()
+    ]
     return out

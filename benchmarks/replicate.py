@@ -73,10 +73,16 @@ PLANS = RUNS | LONG
 
 # The paper's translation row (WMT19 De->En) and its ablations, for comparison.
 HEAD = (
-    "| scheme | steps to target | vs top-2 (steps) | step time vs top-2 | normalized time to target | MFLOPs/token | two-expert tokens "
+    "| scheme | steps to target | vs top-2 (steps) | step time vs top-2 | normalized time to target | MFLOPs/token | "
+    "two-expert tokens "
     "| test BLEU | paper time | paper BLEU |\n" + "|---" * 10 + "|"
 )
-PAPER_TABLE3 = {"dense": ("0.87x", "40.9"), "top2": ("1x", "41.1"), "top1": ("1.04x", "39.5"), "adaptive": ("0.79x", "41.1")}
+PAPER_TABLE3 = {
+    "dense": ("0.87x", "40.9"),
+    "top2": ("1x", "41.1"),
+    "top1": ("1.04x", "39.5"),
+    "adaptive": ("0.79x", "41.1"),
+}
 
 
 def step_time_file(store: Path) -> Path:
@@ -100,12 +106,32 @@ def run(name: str, seed: int, args, plan: tuple[list[str], list[str]] | None = N
     gate_configs, extra = plan or PLANS[name][:2]
     tag = f"{name}-s{seed}"
     run_dir = args.logs / args.mode / tag
-    common = [*sum((["--config", c] for c in base + gate_configs), []), "--data.source.init_args.root", str(args.data), *extra]
+    common = [
+        *sum((["--config", c] for c in base + gate_configs), []),
+        "--data.source.init_args.root",
+        str(args.data),
+        *extra,
+    ]
     common += ["--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(args.logs)]
-    common += ["--trainer.logger.init_args.name", f"{args.mode}/{tag}", "--trainer.enable_progress_bar", "false", *args.train_args]
+    common += [
+        "--trainer.logger.init_args.name",
+        f"{args.mode}/{tag}",
+        "--trainer.enable_progress_bar",
+        "false",
+        *args.train_args,
+    ]
     last = run_dir / "fit" / "checkpoints" / "last.ckpt"
     steps, minutes = ("-1", f"00:00:{LONG_MINUTES}:00") if name in LONG and plan is None else (str(args.steps), "null")
-    fit = ["fit", *common, "--trainer.logger.init_args.version", "fit", "--trainer.max_steps", steps, "--trainer.max_time", minutes]
+    fit = [
+        "fit",
+        *common,
+        "--trainer.logger.init_args.version",
+        "fit",
+        "--trainer.max_steps",
+        steps,
+        "--trainer.max_time",
+        minutes,
+    ]
     if last.exists():
         fit += ["--ckpt_path", str(last)]
     test = ["test", *common, "--trainer.logger.init_args.version", "test", "--ckpt_path", str(last)]
@@ -114,8 +140,12 @@ def run(name: str, seed: int, args, plan: tuple[list[str], list[str]] | None = N
     for command in (fit, test):
         started = time.perf_counter()
         with open(run_dir / f"{command[0]}.log", "a") as log:
-            subprocess.run([sys.executable, "train.py", *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-        commands.append({"command": " ".join(["python", "train.py", *command]), "wall_s": round(time.perf_counter() - started, 1)})
+            subprocess.run(
+                [sys.executable, "train.py", *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True
+            )
+        commands.append(
+            {"command": " ".join(["python", "train.py", *command]), "wall_s": round(time.perf_counter() - started, 1)}
+        )
 
     tb, test_tb = series(run_dir / "fit"), series(run_dir / "test")
     config = yaml.safe_load((run_dir / "fit" / "config.yaml").read_text())
@@ -124,7 +154,11 @@ def run(name: str, seed: int, args, plan: tuple[list[str], list[str]] | None = N
     def final(tag, board=tb):
         return board[tag][-1][1] if tag in board else None
 
-    layers = [t.split("/")[1] for t in tb if t.startswith("experts/") and t.endswith("/two_expert_share_epoch") and "/model/" not in t]
+    layers = [
+        t.split("/")[1]
+        for t in tb
+        if t.startswith("experts/") and t.endswith("/two_expert_share_epoch") and "/model/" not in t
+    ]
     init = config["model"]["init_args"]
     return {
         "name": name,
@@ -134,7 +168,9 @@ def run(name: str, seed: int, args, plan: tuple[list[str], list[str]] | None = N
         "model": {k: v for k, v in {**init, **init["net"]}.items() if not isinstance(v, dict)}
         | {"gate": init["net"]["gate"], "class": config["model"]["class_path"]},
         "data": {k: v for k, v in config["data"]["init_args"].items() if k != "source"},
-        "trainer": {k: config["trainer"][k] for k in ("max_steps", "val_check_interval", "precision", "gradient_clip_val")},
+        "trainer": {
+            k: config["trainer"][k] for k in ("max_steps", "val_check_interval", "precision", "gradient_clip_val")
+        },
         "commands": commands,
         "steps": metrics["global_step"],
         # A resumed fit times only its own part: noisy and partial, kept as a rough guide.
@@ -189,10 +225,14 @@ def report(runs: dict[str, list[dict]], args) -> str:
     step_record = json.loads(step_file.read_text()) if step_file.exists() else {}
     step_time = step_record.get("schemes", {})
     # The runs trained with their own commit; the step times are those of the code that measured them.
-    measured_with = f" Step times are those of the code at commit `{step_record['commit']}`." if step_record.get("commit") else ""
+    measured_with = (
+        f" Step times are those of the code at commit `{step_record['commit']}`." if step_record.get("commit") else ""
+    )
     # How steep top-2's mean curve is at the target: the loss lost over the 100 steps around it.
     around = [[value_at(r["curve"], args.budget + d) for r in runs.get("top2", [])] for d in (-50, 50)]
-    slope = (statistics.mean(around[0]) - statistics.mean(around[1])) if all(None not in a and a for a in around) else None
+    slope = (
+        (statistics.mean(around[0]) - statistics.mean(around[1])) if all(None not in a and a for a in around) else None
+    )
     steepness = "" if slope is None else f" There top-2's mean curve falls {slope:.3f} per 100 steps."
     store = args.store.resolve().relative_to(ROOT) if args.store.resolve().is_relative_to(ROOT) else args.store
     out = [
@@ -201,14 +241,17 @@ def report(runs: dict[str, list[dict]], args) -> str:
         f"Built {datetime.date.today().isoformat()} from the run summaries in `{store}` by "
         f"`python benchmarks/replicate.py --report-only{' --quick' if args.quick else ''}`.",
         "",
-        "Model: `configs/multi30k.yaml` + `configs/preset/replicate.yaml` + `configs/preset/paper_shape.yaml`: d_model 256, "
+        "Model: `configs/multi30k.yaml` + `configs/preset/replicate.yaml` + `configs/preset/paper_shape.yaml`: "
+        "d_model 256, "
         "FFN 512, 3+3 layers, every FFN an MoE layer of 16 experts (dense: FFN 512 everywhere). "
         f"Every run trains {args.steps} steps. The target is top-2's mean val/loss at step {args.budget}: "
         f"**{'n/a' if target is None else f'{target:.3f}'}**.{steepness} "
         "Steps to target are interpolated between validations (every 50 steps). "
         "Values are the mean and [min-max] over seeds. Step time is measured side by side in one process by "
-        "`benchmarks/step_time.py` (median over repeats, each scheme's own trained routing), and normalized time to target "
-        "is (steps ratio) x (step-time ratio). Wall-clock times of the runs are listed below but not compared: the runs "
+        "`benchmarks/step_time.py` (median over repeats, each scheme's own trained routing), and normalized time to "
+        "target "
+        "is (steps ratio) x (step-time ratio). Wall-clock times of the runs are listed below but not compared: the "
+        "runs "
         f"shared a busy machine over many hours.{measured_with}",
         "",
         "## Table 3: schemes",
@@ -228,7 +271,8 @@ def report(runs: dict[str, list[dict]], args) -> str:
         step_ratio = f"{st['vs_top2']:.3f} (FLOPs {st['flops_vs_top2']:.3f})" if st else "not measured"
         normalized = spread([x * st["vs_top2"] for x in ratios]) if st and ratios else "n/a"
         return (
-            f"| {label} | {spread(reached, '.0f')}{missed} | {spread(ratios)} | {step_ratio} | {normalized} | {flops} | {share} | "
+            f"| {label} | {spread(reached, '.0f')}{missed} | {spread(ratios)} | {step_ratio} | {normalized} | {flops} "
+            f"| {share} | "
             f"{spread([r['test_bleu'] for r in rs])} | {paper[0]} | {paper[1]} |"
         )
 
@@ -240,7 +284,13 @@ def report(runs: dict[str, list[dict]], args) -> str:
         out.append(f"\nShare of a training step's FLOPs (forward, backward, optimizer) spent in the experts: {shares}.")
     sweep = [
         (n, t)
-        for n, t in (("adaptive-T0.05", 0.05), ("adaptive", 0.1), ("adaptive-T0.2", 0.2), ("adaptive-T0.3", 0.3), ("adaptive-T0.4", 0.4))
+        for n, t in (
+            ("adaptive-T0.05", 0.05),
+            ("adaptive", 0.1),
+            ("adaptive-T0.2", 0.2),
+            ("adaptive-T0.3", 0.3),
+            ("adaptive-T0.4", 0.4),
+        )
         if n in runs
     ]
     if len(sweep) > 1:
@@ -262,8 +312,10 @@ def report(runs: dict[str, list[dict]], args) -> str:
 
         costs = {n: spread([ep_per_token(r) for r in runs[n]], ".4f") for n in ("adaptive", "adaptive-no-curriculum")}
         out.append(
-            "\nModeled 8-GPU expert-parallel cost per token (per step and MoE layer, the largest load of 8 expert groups, "
-            f"summed; full epochs after the first): paper order {costs['adaptive']}, no curriculum {costs['adaptive-no-curriculum']}."
+            "\nModeled 8-GPU expert-parallel cost per token (per step and MoE layer, the largest load of 8 expert "
+            "groups, "
+            f"summed; full epochs after the first): paper order {costs['adaptive']}, no curriculum "
+            f"{costs['adaptive-no-curriculum']}."
         )
     orders_file = args.out / "ep_orders.json"
     if orders_file.exists() and not args.quick:  # made from a full run's routing
@@ -271,7 +323,8 @@ def report(runs: dict[str, list[dict]], args) -> str:
         none = eo["orders"]["none"]["max_load_per_token"]
         out += [
             "",
-            f"The same wait for one routing, {eo['run']}'s at the end of training, batched by each order (`benchmarks/ep_orders.py`, "
+            f"The same wait for one routing, {eo['run']}'s at the end of training, batched by each order "
+            "(`benchmarks/ep_orders.py`, "
             f"{eo['groups']} expert groups, mean over {len(eo['orders']['none']['epochs'])} epochs' orders):",
             "",
             "| order | largest group load per token | vs none | imbalance (1 = even) | modeled wait per epoch |",
@@ -280,7 +333,8 @@ def report(runs: dict[str, list[dict]], args) -> str:
         for name, o in eo["orders"].items():
             modeled = f"{o['modeled_ms_per_epoch'] / 1e3:.1f} s" if o["modeled_ms_per_epoch"] else "n/a"
             out.append(
-                f"| {name} | {o['max_load_per_token']:.4f} | {o['max_load_per_token'] / none:.3f} | {o['imbalance']:.3f} | {modeled} |"
+                f"| {name} | {o['max_load_per_token']:.4f} | {o['max_load_per_token'] / none:.3f} | "
+                f"{o['imbalance']:.3f} | {modeled} |"
             )
     for r in runs.get("adaptive-long", []):
         every = max(1, len(r["curve"]) // 8)
@@ -289,17 +343,27 @@ def report(runs: dict[str, list[dict]], args) -> str:
             "",
             f"## Long run: adaptive T=0.1, paper order, {LONG_MINUTES} minutes of training",
             "",
-            f"{r['steps']} steps ({len(r['epochs'])} epochs) on {r['machine']['cpu']}: **test BLEU {r['test_bleu']:.2f}** "
+            f"{r['steps']} steps ({len(r['epochs'])} epochs) on {r['machine']['cpu']}: **test BLEU "
+            f"{r['test_bleu']:.2f}** "
             f"(`test_2016_flickr`, beam 4), test loss {r['test_loss']:.3f}. Validation loss by step: {points}.",
         ]
     out += figures(runs, args, target)
-    out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU | fit wall (noisy) |", "|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "## Runs",
+        "",
+        "| run | machine | date | steps | test BLEU | fit wall (noisy) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, rs in runs.items():
         for r in rs:
             # A resumed fit's summary knows only the time since its resume.
-            resumed = any(c["command"].startswith("python train.py fit") and "--ckpt_path" in c["command"] for c in r["commands"])
+            resumed = any(
+                c["command"].startswith("python train.py fit") and "--ckpt_path" in c["command"] for c in r["commands"]
+            )
             out.append(
-                f"| {name} s{r['seed']} | {r['machine']['cpu']} | {r['date'][:10]} | {r['steps']} | {r['test_bleu']:.2f} "
+                f"| {name} s{r['seed']} | {r['machine']['cpu']} | {r['date'][:10]} | {r['steps']} | "
+                f"{r['test_bleu']:.2f} "
                 f"| {r['fit_wall_s'] / 60:.1f} min{' since its last resume' if resumed else ''} |"
             )
     return "\n".join(out) + "\n"
@@ -343,7 +407,9 @@ def figures(runs: dict[str, list[dict]], args, target: float | None) -> list[str
     adaptive = [n for n in PLANS if n.startswith("adaptive") and n in runs and runs[n][0]["layer_share"]]
     if adaptive:
         layers = list(runs[adaptive[0]][0]["layer_share"])
-        share = {n: [100 * statistics.mean(r["layer_share"][layer] for r in runs[n]) for layer in layers] for n in adaptive}
+        share = {
+            n: [100 * statistics.mean(r["layer_share"][layer] for r in runs[n]) for layer in layers] for n in adaptive
+        }
         fig, ax = plt.subplots(figsize=(8, 3.5))
         width = 0.8 / len(adaptive)
         for i, (name, values) in enumerate(share.items()):
@@ -369,21 +435,34 @@ def load_runs(store: Path) -> dict[str, list[dict]]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k", help="folder of {train,val,test_2016_flickr}.{de,en}.gz"
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "multi30k",
+        help="folder of {train,val,test_2016_flickr}.{de,en}.gz",
     )
     p.add_argument("--quick", action="store_true", help="top-2, adaptive and top-1, one seed, a few steps")
     p.add_argument("--steps", type=int, help="training steps of every run (default 900, quick 150)")
-    p.add_argument("--budget", type=int, help="the step at which top-2's mean val/loss sets the target (default 650, quick 100)")
+    p.add_argument(
+        "--budget", type=int, help="the step at which top-2's mean val/loss sets the target (default 650, quick 100)"
+    )
     p.add_argument("--only", nargs="+", help="a subset of the schemes (arms with --protocol paper)")
-    p.add_argument("--seeds", nargs="+", type=int, help="these seeds for every scheme (default: each scheme's own count)")
-    p.add_argument("--logs", type=Path, default=ROOT / "logs" / "replicate", help="logs and checkpoints; resumes from here")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, help="these seeds for every scheme (default: each scheme's own count)"
+    )
+    p.add_argument(
+        "--logs", type=Path, default=ROOT / "logs" / "replicate", help="logs and checkpoints; resumes from here"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "replication")
     p.add_argument("--report", type=Path, help="default benchmarks/RESULTS.md, or RESULTS-quick.md with --quick")
-    p.add_argument("--report-only", action="store_true", help="rebuild the report from the run summaries, train nothing")
     p.add_argument(
-        "--protocol", choices=["second", "paper"], default="second",
-        help="second: trained from scratch (this file's plan); paper: dense model converted into MoE (paper_protocol.py)",
-    )  # fmt: skip
+        "--report-only", action="store_true", help="rebuild the report from the run summaries, train nothing"
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["second", "paper"],
+        default="second",
+        help="second: trained from scratch (this file's plan); paper: dense model made MoE (paper_protocol.py)",
+    )
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
@@ -412,7 +491,8 @@ def main():
             summary.parent.mkdir(parents=True, exist_ok=True)
             summary.write_text(json.dumps(r, indent=1) + "\n")
             print(
-                f"{summary.name}: {r['steps']} steps, test BLEU {r['test_bleu']:.2f}, {(time.perf_counter() - started) / 60:.1f} min",
+                f"{summary.name}: {r['steps']} steps, test BLEU {r['test_bleu']:.2f}, "
+                f"{(time.perf_counter() - started) / 60:.1f} min",
                 flush=True,
             )
             trained = True

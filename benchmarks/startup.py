@@ -19,7 +19,14 @@ BASELINE = [sys.executable, "-c", "import lightning.pytorch"]
 COMMANDS = {
     "fit --help": [sys.executable, "train.py", "fit", "--help"],
     "fit --help all": [sys.executable, "train.py", "fit", "--help", "all"],
-    "fit --print_config (quickstart)": [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", "--print_config"],
+    "fit --print_config (quickstart)": [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--print_config",
+    ],
 }
 
 
@@ -40,7 +47,11 @@ def main():
         for name, command in COMMANDS.items():
             times[name].append(wall(command))
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         platform.processor(),
     )
     print(f"{cpu}, {rounds} rounds, {time.strftime('%Y-%m-%d')}\n")

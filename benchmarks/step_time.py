@@ -40,9 +40,13 @@ def data_module(data: Path, summary: dict) -> TranslationData:
     set up for fitting; without the curriculum, so its batches are length-bucketed."""
     cfg = summary["data"]
     dm = TranslationData(
-        ParallelText(str(data), "de", "en", test="test_2016_flickr"), vocab_size=cfg["vocab_size"], max_tokens=cfg["max_tokens"],
-        max_source_len=cfg["max_source_len"], max_target_len=cfg["max_target_len"], cache_dir=str(ROOT / cfg["cache_dir"]),
-    )  # fmt: skip
+        ParallelText(str(data), "de", "en", test="test_2016_flickr"),
+        vocab_size=cfg["vocab_size"],
+        max_tokens=cfg["max_tokens"],
+        max_source_len=cfg["max_source_len"],
+        max_target_len=cfg["max_target_len"],
+        cache_dir=str(ROOT / cfg["cache_dir"]),
+    )
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -60,8 +64,12 @@ def load(checkpoint: str):
     state = torch.load(checkpoint, weights_only=True, map_location="cpu")
     hparams = state["hyper_parameters"]
     if "net" not in hparams:
-        hparams["net"] = {k: hparams.pop(k) for k in [f.name for f in dataclasses.fields(TransformerConfig)] if k in hparams}
-        state["state_dict"] = {k.replace("model.", "net.", 1) if k.startswith("model.") else k: v for k, v in state["state_dict"].items()}
+        hparams["net"] = {
+            k: hparams.pop(k) for k in [f.name for f in dataclasses.fields(TransformerConfig)] if k in hparams
+        }
+        state["state_dict"] = {
+            k.replace("model.", "net.", 1) if k.startswith("model.") else k: v for k, v in state["state_dict"].items()
+        }
         scheduler = hparams["lr_scheduler"]
         scheduler["class_path"] = scheduler["class_path"].replace("adamoe.module.", "adamoe.schedulers.")
     with tempfile.NamedTemporaryFile(suffix=".ckpt") as f:
@@ -93,17 +101,26 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k")
     ap.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "replication" / "runs")
-    ap.add_argument("--seed", type=int, help="which seed's checkpoint stands for each scheme (default: its lowest on this machine)")
+    ap.add_argument(
+        "--seed", type=int, help="which seed's checkpoint stands for each scheme (default: its lowest on this machine)"
+    )
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     summaries = {}
     for path in sorted(args.runs.glob("*.json"), key=lambda p: json.loads(p.read_text())["seed"]):
         s = json.loads(path.read_text())
-        if s["name"] in RUNS and s["name"] not in summaries and Path(s["checkpoint"]).exists() and args.seed in (None, s["seed"]):
+        if (
+            s["name"] in RUNS
+            and s["name"] not in summaries
+            and Path(s["checkpoint"]).exists()
+            and args.seed in (None, s["seed"])
+        ):
             summaries[s["name"]] = s
     if "top2" not in summaries:
-        ap.error(f"no top2 run with a checkpoint in {args.runs}" + ("" if args.seed is None else f" (seed {args.seed})"))
+        ap.error(
+            f"no top2 run with a checkpoint in {args.runs}" + ("" if args.seed is None else f" (seed {args.seed})")
+        )
     torch.manual_seed(0)
     batches = recorded_batches(args.data, summaries["top2"], args.batches)
     flops = {}
@@ -124,7 +141,9 @@ def main():
     result = {
         "machine": {"cpu": cpu_model(), "node": platform.node(), "threads": torch.get_num_threads()},
         # The runs trained with their own commit; these step times are this commit's code.
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
         "batches": args.batches,
         "repeats": args.repeats,
         "schemes": {
@@ -144,7 +163,9 @@ def main():
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'scheme':<26}{'median s/step':>14}{'vs top-2':>10}{'FLOPs vs top-2':>16}{'expert FLOP share':>19}")
     for name, r in result["schemes"].items():
-        print(f"{name:<26}{r['step_s']:>14.3f}{r['vs_top2']:>10.3f}{r['flops_vs_top2']:>16.3f}{r['expert_flop_share']:>19.1%}")
+        print(
+            f"{name:<26}{r['step_s']:>14.3f}{r['vs_top2']:>10.3f}{r['flops_vs_top2']:>16.3f}{r['expert_flop_share']:>19.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ model with freed memory kept in the process (the default of `train.py`, see
 `adamoe.callbacks.KeepFreedMemory`); without it the allocator keeps glibc's defaults.
 `--device cuda` runs it all on a GPU.
 
-    pip install -e ".[bench]"; python benchmarks/throughput.py [--precision bf16-mixed] [--profile] [--keep-freed-memory] [--device cuda]
+    pip install -e ".[bench]"
+    python benchmarks/throughput.py [--precision bf16-mixed] [--profile] [--keep-freed-memory] [--device cuda]
 """
 
 import argparse
@@ -36,8 +37,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from adamoe.callbacks import keep_freed_memory
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
+from adamoe.memory import keep_freed_memory
 from adamoe.ops import linear_cross_entropy
 from adamoe.transformer import Transformer, TransformerConfig
 
@@ -63,7 +64,9 @@ def ours(gate):
     def step(src, tgt):
         tgt_in = F.pad(tgt, (1, 0), value=1)[:, :-1]
         h_BSD, routings = model(src, tgt_in, project=False)
-        return linear_cross_entropy(h_BSD.flatten(0, 1), model.output.weight, tgt.flatten())[0] + sum(r.aux_loss for r in routings)
+        return linear_cross_entropy(h_BSD.flatten(0, 1), model.output.weight, tgt.flatten())[0] + sum(
+            r.aux_loss for r in routings
+        )
 
     return model, step
 
@@ -78,21 +81,54 @@ def hf_models(tokens: int):
 
     nllb = NllbMoeForConditionalGeneration(
         NllbMoeConfig(
-            vocab_size=V, d_model=D, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_ffn_dim=FF, decoder_ffn_dim=FF,
-            encoder_attention_heads=4, decoder_attention_heads=4, num_experts=E, expert_capacity=tokens,
-            encoder_sparse_step=2, decoder_sparse_step=2, second_expert_policy="all", dropout=0.0, attention_dropout=0.0,
-            activation_dropout=0.0, moe_token_dropout=0.0, router_aux_loss_coef=0.01, max_position_embeddings=1024,
-            output_router_logits=True, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+            vocab_size=V,
+            d_model=D,
+            encoder_layers=LAYERS,
+            decoder_layers=LAYERS,
+            encoder_ffn_dim=FF,
+            decoder_ffn_dim=FF,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            num_experts=E,
+            expert_capacity=tokens,
+            encoder_sparse_step=2,
+            decoder_sparse_step=2,
+            second_expert_policy="all",
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            moe_token_dropout=0.0,
+            router_aux_loss_coef=0.01,
+            max_position_embeddings=1024,
+            output_router_logits=True,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
         )
-    )  # fmt: skip
+    )
     switch = SwitchTransformersForConditionalGeneration(
         SwitchTransformersConfig(
-            vocab_size=V, d_model=D, d_kv=D // 4, d_ff=FF, num_layers=LAYERS, num_decoder_layers=LAYERS,
-            num_sparse_encoder_layers=LAYERS // 2, num_sparse_decoder_layers=LAYERS // 2, num_heads=4, num_experts=E,
-            expert_capacity=tokens, dropout_rate=0.0, router_jitter_noise=0.0, router_aux_loss_coef=0.01,
-            output_router_logits=True, pad_token_id=0, eos_token_id=2, decoder_start_token_id=1,
+            vocab_size=V,
+            d_model=D,
+            d_kv=D // 4,
+            d_ff=FF,
+            num_layers=LAYERS,
+            num_decoder_layers=LAYERS,
+            num_sparse_encoder_layers=LAYERS // 2,
+            num_sparse_decoder_layers=LAYERS // 2,
+            num_heads=4,
+            num_experts=E,
+            expert_capacity=tokens,
+            dropout_rate=0.0,
+            router_jitter_noise=0.0,
+            router_aux_loss_coef=0.01,
+            output_router_logits=True,
+            pad_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=1,
         )
-    )  # fmt: skip
+    )
 
     def hf_step(model):
         def step(src, tgt):
@@ -147,7 +183,11 @@ def self_times(run, batch, steps=3) -> dict[str, tuple[float, int]]:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             run(*batch)
-    return {e.key: (e.self_cpu_time_total / 1e6 / steps, e.count // steps) for e in prof.key_averages() if e.self_cpu_time_total > 0}
+    return {
+        e.key: (e.self_cpu_time_total / 1e6 / steps, e.count // steps)
+        for e in prof.key_averages()
+        if e.self_cpu_time_total > 0
+    }
 
 
 def group_of(op: str) -> str:
@@ -181,7 +221,10 @@ def compare_with_hf(args, dtype):
         "ours top-1": ours(Top1Gate),
         "switch top-1": (switch, switch_step),
     }
-    runs = {name: training_step(step, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True), dtype) for name, (m, step) in models.items()}
+    runs = {
+        name: training_step(step, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True), dtype)
+        for name, (m, step) in models.items()
+    }
     flops = {}
     for name, run in runs.items():
         with FlopCounterMode(display=False) as counter:
@@ -207,10 +250,15 @@ def compare_with_hf(args, dtype):
         # How far removing all of our non-matmul work could go: Switch's step is mostly the same
         # matmuls. Both sides are read from the profiler, whose per-op cost a timed step lacks.
         top1_ops, switch_ops = (self_times(runs[name], (src, tgt)) for name in ("ours top-1", "switch top-1"))
-        kernels = sum(t for op, (t, _) in top1_ops.items() if group_of(op) in ("matrix multiplies", "attention kernels"))
+        kernels = sum(
+            t for op, (t, _) in top1_ops.items() if group_of(op) in ("matrix multiplies", "attention kernels")
+        )
         step, switch_step = (sum(t for t, _ in ops.values()) for ops in (top1_ops, switch_ops))
         print(f"ours top-1 spends {kernels:.3f} s of its {step:.3f} s profiled step in matmul and attention kernels;")
-        print(f"with all the rest free, vs_switch_top1 would be {switch_step / kernels:.2f} (Switch's profiled step: {switch_step:.3f} s)")
+        print(
+            f"with all the rest free, vs_switch_top1 would be {switch_step / kernels:.2f} (Switch's profiled step: "
+            f"{switch_step:.3f} s)"
+        )
     mfu = flops["ours top-2"] / med["ours top-2"] / peak
     # Each round runs every model once, so a ratio within a round cancels the machine's drift.
     vs_nllb, vs_switch = (
@@ -230,14 +278,23 @@ def multi30k_batches(data: str | None, n: int) -> list[dict]:
         dm.setup("fit")
         device = torch.get_default_device()
         return [
-            {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch, _ in zip(dm.train_dataloader(), range(n))
+            {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            for batch, _ in zip(dm.train_dataloader(), range(n))
         ]
     g = torch.Generator(torch.get_default_device()).manual_seed(0)
     shapes = [(256, 16), (204, 20), (146, 28), (240, 17), (114, 35), (170, 24), (227, 18), (157, 26)]
     out = []
     for B, S in (shapes * n)[:n]:
         src, tgt = torch.randint(3, V, (B, S), generator=g), torch.randint(3, V, (B, S + 1), generator=g)
-        out.append({"src": src, "src_pad": src.eq(0), "tgt_in": tgt[:, :-1], "tgt_out": tgt[:, 1:], "tgt_pad": tgt[:, :-1].eq(0)})
+        out.append(
+            {
+                "src": src,
+                "src_pad": src.eq(0),
+                "tgt_in": tgt[:, :-1],
+                "tgt_out": tgt[:, 1:],
+                "tgt_pad": tgt[:, :-1].eq(0),
+            }
+        )
     return out
 
 
@@ -249,7 +306,9 @@ def multi30k_times(data: str | None, n_batches: int, repeats: int) -> dict[str, 
     runs = {}
     for name, dtype in DTYPES.items():
         torch.manual_seed(0)
-        net = TransformerConfig(num_experts=8, moe_every=2, dropout=0.2, gate=functools.partial(AdaptiveGate, threshold=0.1))
+        net = TransformerConfig(
+            num_experts=8, moe_every=2, dropout=0.2, gate=functools.partial(AdaptiveGate, threshold=0.1)
+        )
         module = TranslationModule(net=net, vocab_size=V).train()
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
 
@@ -273,7 +332,9 @@ def multi30k_step(args) -> float:
     times = multi30k_times(args.data, args.batches, args.repeats)
     ratio = statistics.median([a / b for a, b in zip(times["32-true"], times["bf16-mixed"])])
     source = args.data or "batches of Multi30k's shapes"
-    print(f"\nMulti30k training step ({args.batches} batches from {source}, {args.repeats} passes after 2 warm-up passes)")
+    print(
+        f"\nMulti30k training step ({args.batches} batches from {source}, {args.repeats} passes after 2 warm-up passes)"
+    )
     for name, ts in times.items():
         print(f"{name:<12} median {statistics.median(ts):.3f} s")
     return ratio
@@ -290,7 +351,9 @@ def main():
     ap.add_argument("--data", help="Multi30k's folder, for the bf16-mixed Multi30k step")
     ap.add_argument("--batches", type=int, default=8, help="Multi30k batches per pass")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--keep-freed-memory", action="store_true", help="as the KeepFreedMemory callback does, for every model")
+    ap.add_argument(
+        "--keep-freed-memory", action="store_true", help="as the KeepFreedMemory callback does, for every model"
+    )
     args = ap.parse_args()
     torch.set_default_device(args.device)
     kept = args.keep_freed_memory and keep_freed_memory()
@@ -301,7 +364,10 @@ def main():
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
     bf16 = ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
     memory = "kept" if kept else "returned (glibc default)"
-    print(f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}, bf16 instructions: {bf16}, freed memory {memory}")
+    print(
+        f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}, bf16 instructions: {bf16}, freed "
+        f"memory {memory}"
+    )
     dtype = DTYPES[args.precision]
     summary = compare_with_hf(args, dtype)
     if dtype == torch.bfloat16:

@@ -49,7 +49,9 @@ class TaggedTextData(TextData):
 
     def tokenized(self, table, split):
         ids, tags = table.column("src").to_pylist(), table.column("tags").to_pylist()
-        aligned = pa.array([align_labels(self.tokenizer, i, t, IGNORE_ID) for i, t in zip(ids, tags)], pa.list_(pa.int32()))
+        aligned = pa.array(
+            [align_labels(self.tokenizer, i, t, IGNORE_ID) for i, t in zip(ids, tags)], pa.list_(pa.int32())
+        )
         return table.set_column(table.column_names.index("tags"), "tags", aligned)
 
 
@@ -58,7 +60,8 @@ class TaggingModule(MoEModule):
     each word. Logs `loss` and `acc` (per word)."""
 
     def __init__(self, num_tags: int = 3, **kwargs):
-        super().__init__(**kwargs)  # saves num_tags with the other arguments, for `metrics`
+        self.num_tags = num_tags  # before the base builds the metrics, which read it
+        super().__init__(**kwargs)
         self.head = nn.Linear(self.net.d_model, num_tags)
 
     def check_config(self, config):
@@ -74,7 +77,10 @@ class TaggingModule(MoEModule):
         return F.cross_entropy(logits.flatten(0, 1), batch["tags"].flatten(), ignore_index=IGNORE_ID), {}, routings
 
     def metrics(self, stage):
-        return {"loss": MeanMetric(), "acc": MulticlassAccuracy(self.hparams.num_tags, average="micro", ignore_index=IGNORE_ID)}
+        return {
+            "loss": MeanMetric(),
+            "acc": MulticlassAccuracy(self.num_tags, average="micro", ignore_index=IGNORE_ID),
+        }
 
     def update_metrics(self, metrics, batch, batch_idx, stage):
         logits, _ = self(batch)

@@ -104,7 +104,9 @@ def install():
     store.write = save_split
     torch.save = save
     layer, _, steps = os.environ.get("POISON", "").partition(":")
-    tasks.MoEModule.training_step = poisoned(tasks.MoEModule.training_step, layer, {int(s) for s in steps.split(",") if s}, ARMED)
+    tasks.MoEModule.training_step = poisoned(
+        tasks.MoEModule.training_step, layer, {int(s) for s in steps.split(",") if s}, ARMED
+    )
     tasks.TranslationModule.validation_step = faulty_validation_step
 
 

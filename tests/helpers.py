@@ -24,18 +24,36 @@ def tiny_config(tmp: Path) -> Path:
             "enable_progress_bar": False,
             "logger": {"class_path": TENSORBOARD, "init_args": {"save_dir": str(tmp / "logs"), "name": "tiny"}},
         },
-        "model": {"class_path": "adamoe.TranslationModule", "init_args": {
-            "net": {
-                "d_model": 32, "n_heads": 2, "d_ff": 64, "num_encoder_layers": 2, "num_decoder_layers": 2, "num_experts": 4,
-                "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+        "model": {
+            "class_path": "adamoe.TranslationModule",
+            "init_args": {
+                "net": {
+                    "d_model": 32,
+                    "n_heads": 2,
+                    "d_ff": 64,
+                    "num_encoder_layers": 2,
+                    "num_decoder_layers": 2,
+                    "num_experts": 4,
+                    "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+                },
+                "max_decode_len": 20,
+                "beam_size": 2,
+                "predict_output": str(tmp / "pred.txt"),
             },
-            "max_decode_len": 20, "beam_size": 2, "predict_output": str(tmp / "pred.txt"),
-        }},
-        "data": {"class_path": "adamoe.data.TranslationData", "init_args": {
-            "source": {"class_path": "adamoe.data.SyntheticTranslation", "init_args": {"train_size": 200, "val_size": 16, "test_size": 12}},
-            "vocab_size": 300, "max_tokens": 400, "cache_dir": str(tmp / "cache"),
-        }},
-    }  # fmt: skip
+        },
+        "data": {
+            "class_path": "adamoe.data.TranslationData",
+            "init_args": {
+                "source": {
+                    "class_path": "adamoe.data.SyntheticTranslation",
+                    "init_args": {"train_size": 200, "val_size": 16, "test_size": 12},
+                },
+                "vocab_size": 300,
+                "max_tokens": 400,
+                "cache_dir": str(tmp / "cache"),
+            },
+        },
+    }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -48,7 +66,14 @@ def train(*args, cwd):
     args = [str(a) for a in args]
     if "--trainer.devices" in args and args[args.index("--trainer.devices") + 1] != "1":
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     else:
         from adamoe.cli import entry
 
@@ -104,21 +129,34 @@ def tiny_task_config(tmp: Path, task: str, steps: int = 30) -> Path:
             "enable_progress_bar": False,
             "logger": {"class_path": TENSORBOARD, "init_args": {"save_dir": str(tmp / "logs"), "name": task}},
         },
-        "model": {"class_path": module, "init_args": {
-            "net": {
-                "d_model": 32, "n_heads": 2, "d_ff": 64, "num_experts": 4, "dropout": 0.0, **arch,
-                "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+        "model": {
+            "class_path": module,
+            "init_args": {
+                "net": {
+                    "d_model": 32,
+                    "n_heads": 2,
+                    "d_ff": 64,
+                    "num_experts": 4,
+                    "dropout": 0.0,
+                    **arch,
+                    "gate": {"class_path": "adamoe.AdaptiveGate", "init_args": {"threshold": 0.2}},
+                },
+                "predict_output": str(tmp / "pred.txt"),
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+                "lr_scheduler": {"class_path": "adamoe.schedulers.WarmupInverseSqrt", "init_args": {"warmup_steps": 5}},
+                **task_args,
             },
-            "predict_output": str(tmp / "pred.txt"),
-            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
-            "lr_scheduler": {"class_path": "adamoe.schedulers.WarmupInverseSqrt", "init_args": {"warmup_steps": 5}},
-            **task_args,
-        }},
-        "data": {"class_path": data, "init_args": {
-            "source": {"class_path": source, "init_args": {"train_size": 400, "val_size": 16, "test_size": 12}},
-            "vocab_size": 300, "max_tokens": 400, "cache_dir": str(tmp / "cache"),
-        }},
-    }  # fmt: skip
+        },
+        "data": {
+            "class_path": data,
+            "init_args": {
+                "source": {"class_path": source, "init_args": {"train_size": 400, "val_size": 16, "test_size": 12}},
+                "vocab_size": 300,
+                "max_tokens": 400,
+                "cache_dir": str(tmp / "cache"),
+            },
+        },
+    }
     path = tmp / f"{task}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

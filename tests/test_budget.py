@@ -30,8 +30,12 @@ def test_the_knob_settles_the_mean_within_0_03_of_the_target_in_150_steps(make_g
 
 
 def layers(*gates):
-    return SimpleNamespace(net=SimpleNamespace(moe_layer_names=[f"enc.{i}" for i in range(len(gates))], moe_layers=lambda: [
-        SimpleNamespace(gate=g) for g in gates]))  # fmt: skip
+    return SimpleNamespace(
+        net=SimpleNamespace(
+            moe_layer_names=[f"enc.{i}" for i in range(len(gates))],
+            moe_layers=lambda: [SimpleNamespace(gate=g) for g in gates],
+        )
+    )
 
 
 def test_a_resumed_run_continues_from_the_saved_knobs():

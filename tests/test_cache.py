@@ -106,12 +106,18 @@ data(Path({tmp!r}), train_size=20000).prepare_data()
 def test_two_runs_preparing_one_cache_both_finish(tmp_path):
     script = PREPARE.format(tests=str(ROOT / "tests"), tmp=str(tmp_path))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lock = tmp_path / "cache" / "datasets"
     while first.poll() is None and not any(lock.glob(".*.lock")):
         time.sleep(0.05)
-    second = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     out_second, out_first = second.communicate(timeout=300)[0], first.communicate(timeout=300)[0]
     assert first.returncode == 0 and second.returncode == 0, out_first[-2000:] + out_second[-2000:]
-    assert "Tokenized train" in out_first and "Reusing cached dataset" in out_second, out_first[-2000:] + out_second[-2000:]
+    assert "Tokenized train" in out_first and "Reusing cached dataset" in out_second, (
+        out_first[-2000:] + out_second[-2000:]
+    )
     assert len([p for p in lock.iterdir() if p.is_dir()]) == 1  # one cache, no staging left

@@ -59,7 +59,9 @@ def test_load_heatmap_has_one_labelled_tick_per_expert():
     counts = torch.zeros(2, FIELDS + 6, dtype=torch.float64)
     counts[:, TOKENS], counts[:, TWO_EXPERT] = 10, 3
     counts[:, FIELDS:] = torch.arange(12, dtype=torch.float64).view(2, 6)
-    ExpertStats()._figures(SimpleNamespace(logger=SimpleNamespace(experiment=experiment), global_step=0), ["enc.1", "dec.1"], counts)
+    ExpertStats()._figures(
+        SimpleNamespace(logger=SimpleNamespace(experiment=experiment), global_step=0), ["enc.1", "dec.1"], counts
+    )
     ax = figures["experts/load_heatmap"].axes[0]
     assert list(ax.get_xticks()) == list(range(6))
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(e) for e in range(6)]
@@ -86,7 +88,10 @@ def test_forward_flops_match_the_flop_counter():
     from adamoe.transformer import Transformer, TransformerConfig
 
     torch.manual_seed(0)
-    m = Transformer(TransformerConfig(16, 2, 32, 2, 2, 4, 2, lambda d, e: AdaptiveGate(d, e, threshold=0.3), dropout=0.0), vocab_size=40)
+    m = Transformer(
+        TransformerConfig(16, 2, 32, 2, 2, 4, 2, lambda d, e: AdaptiveGate(d, e, threshold=0.3), dropout=0.0),
+        vocab_size=40,
+    )
     src, tgt = torch.randint(3, 40, (3, 7)), torch.randint(3, 40, (3, 5))
     with FlopCounterMode(display=False) as counter:
         _, routings = m(src, tgt)
@@ -107,13 +112,24 @@ def test_time_to_target_interpolates_between_validations():
     assert time_to_target(curve, 2.5, time="wall_s") == pytest.approx(32.5)
     assert time_to_target(curve, 6.0) == 10.0  # the first validation already had it
     assert time_to_target(curve, 1.0) is None
-    assert time_to_target([{"train_s": 1.0, "value": 0.2}, {"train_s": 3.0, "value": 0.6}], 0.5, mode="max") == pytest.approx(2.5)
+    assert time_to_target(
+        [{"train_s": 1.0, "value": 0.2}, {"train_s": 3.0, "value": 0.6}], 0.5, mode="max"
+    ) == pytest.approx(2.5)
 
 
 def test_timer_stops_fit_at_the_target_and_keeps_the_curve(tmp_path):
     with pytest.raises(ValueError, match="needs a target"):
         EpochTimer(stop_at_target=True)
-    train("fit", "--config", tiny_config(tmp_path), "--timer.target", 100.0, "--timer.stop_at_target", "true", cwd=tmp_path)
+    train(
+        "fit",
+        "--config",
+        tiny_config(tmp_path),
+        "--timer.target",
+        100.0,
+        "--timer.stop_at_target",
+        "true",
+        cwd=tmp_path,
+    )
     metrics = json.loads((tmp_path / "logs" / "tiny" / "version_0" / "metrics.json").read_text())
     assert metrics["global_step"] == 3  # max_steps is 6, but the first validation (step 3) is below 100
     [point] = metrics["curve"]
@@ -124,10 +140,11 @@ def test_timer_stops_fit_at_the_target_and_keeps_the_curve(tmp_path):
 # Run in a fresh process: the allocator's settings are the process's, and the test needs glibc's defaults first.
 KEEP_FREED = """
 import ctypes, torch
-from adamoe.callbacks import keep_freed_memory
+from adamoe.memory import keep_freed_memory
 libc = ctypes.CDLL("libc.so.6")
 class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
 libc.mallinfo2.restype = Info
 def mapped_and_kept():
     before = libc.mallinfo2().hblkhd
@@ -145,7 +162,8 @@ def test_keep_freed_memory_keeps_a_freed_buffer_for_reuse():
         pytest.skip("needs glibc's mallinfo2")
     out = subprocess.run([sys.executable, "-c", KEEP_FREED], capture_output=True, text=True, check=True).stdout.split()
     mapped_before, kept_before, applied, mapped_after, kept_after = out
-    # glibc's default maps a 64 MB buffer and unmaps it when freed; after the call it comes from the heap and stays there.
+    # glibc's default maps a 64 MB buffer and unmaps it when freed; after the call it comes
+    # from the heap and stays there.
     assert (int(mapped_before), int(kept_before) < 64) == (64, True)
     assert (applied, int(mapped_after), int(kept_after) >= 64) == ("True", 0, True)
 
@@ -158,7 +176,16 @@ def test_tensorboard_opens_on_charts_that_have_data_and_the_heatmap_follows_its_
     from adamoe.callbacks.summary import LAYOUT
 
     every = "--trainer.callbacks.init_args.heatmap_every_n_steps"
-    train("fit", "--config", tiny_config(tmp_path), "--trainer.callbacks+", "adamoe.callbacks.ExpertStats", every, 2, cwd=tmp_path)
+    train(
+        "fit",
+        "--config",
+        tiny_config(tmp_path),
+        "--trainer.callbacks+",
+        "adamoe.callbacks.ExpertStats",
+        every,
+        2,
+        cwd=tmp_path,
+    )
     run = tmp_path / "logs" / "tiny" / "version_0"
     ea = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0})
     ea.Reload()

@@ -41,7 +41,9 @@ def test_test_bleu_is_sacrebleu_of_the_predicted_hypotheses(fitted):
 
     tmp, cfg = fitted
     ckpt = tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    out = train("test", "--config", cfg, "--ckpt_path", ckpt, "--trainer.logger.init_args.version", "bleu-test", cwd=tmp)
+    out = train(
+        "test", "--config", cfg, "--ckpt_path", ckpt, "--trainer.logger.init_args.version", "bleu-test", cwd=tmp
+    )
     train("predict", "--config", cfg, "--ckpt_path", ckpt, cwd=tmp)
     hyps = (tmp / "pred.txt").read_text().splitlines()
     refs = SyntheticTranslation(200, 16, 12).load("test")["target"]
@@ -60,9 +62,20 @@ def test_val_bleu_is_sacrebleu_of_the_decoded_hypotheses(fitted, tmp_path, monke
     from adamoe.tasks import TranslationModule
 
     src, cfg = fitted
-    monkeypatch.setattr(TranslationModule, "decode", lambda self, batch, beam: [" ".join(t.split()[:-1]) for t in batch["target"]])
-    cli = main(["validate", "--config", str(cfg), "--ckpt_path", str(src / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"),
-                "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
+    monkeypatch.setattr(
+        TranslationModule, "decode", lambda self, batch, beam: [" ".join(t.split()[:-1]) for t in batch["target"]]
+    )
+    cli = main(
+        [
+            "validate",
+            "--config",
+            str(cfg),
+            "--ckpt_path",
+            str(src / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
     refs = SyntheticTranslation(200, 16, 12).load("val")["target"]
     want = sacrebleu.corpus_bleu([" ".join(t.split()[:-1]) for t in refs], [refs]).score
     assert 10 < want < 100 and float(cli.trainer.callback_metrics["val/bleu"]) == pytest.approx(want, abs=1e-3)
@@ -126,7 +139,10 @@ def merged(*paths) -> dict:
     def merge(a, b):
         if a.get("class_path", b.get("class_path")) != b.get("class_path", a.get("class_path")):
             return b  # another class: its own arguments only
-        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v for k, v in b.items()}}
+        return {
+            **a,
+            **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v for k, v in b.items()},
+        }
 
     out = {}
     for path in paths:
@@ -172,7 +188,10 @@ def test_every_config_builds_the_model_and_data_it_names(config, tmp_path):
     assert cli.datamodule.vocab_size == data["init_args"]["vocab_size"] == cli.model.hparams["vocab_size"]
     # The trainer, its callbacks and the checkpoint's monitor come from the config files.
     callbacks = {type(c).__name__ for c in cli.trainer.callbacks}
-    assert {c["class_path"].rsplit(".", 1)[1] for c in want["trainer"]["callbacks"]} | {"Checkpoint", "EpochTimer"} <= callbacks
+    assert {c["class_path"].rsplit(".", 1)[1] for c in want["trainer"]["callbacks"]} | {
+        "Checkpoint",
+        "EpochTimer",
+    } <= callbacks
     assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == (
         want["checkpoint"]["monitor"],
         want["checkpoint"]["mode"],
@@ -184,15 +203,30 @@ def test_every_config_builds_the_model_and_data_it_names(config, tmp_path):
 def test_gate_configs_compose_with_every_task(task, gate, tmp_path):
     from adamoe.cli import main
 
-    cli = main(["--config", str(ROOT / "configs" / task), "--config", str(ROOT / "configs" / "gate" / f"{gate}.yaml"),
-                "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.cache_dir", str(tmp_path)], run=False)  # fmt: skip
+    cli = main(
+        [
+            "--config",
+            str(ROOT / "configs" / task),
+            "--config",
+            str(ROOT / "configs" / "gate" / f"{gate}.yaml"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--data.cache_dir",
+            str(tmp_path),
+        ],
+        run=False,
+    )
     gates = {type(layer.gate).__name__ for layer in cli.model.net.moe_layers()}
     assert gates == ({"dense": set(), "top1": {"Top1Gate"}, "top2": {"Top2Gate"}, "adaptive": {"AdaptiveGate"}}[gate])
 
 
 TASK_CONFIGS = ["quickstart.yaml", "multi30k.yaml", "task/causal_lm.yaml", "task/classification.yaml"]
 # Overlays, each after the task config it is written for. ddp.yaml asks for 4 GPUs: its own precision is bf16-mixed.
-OVERLAYS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS if p.parent.name in ("gate", "preset") and p.name != "ddp.yaml"]
+OVERLAYS = [
+    str(p.relative_to(ROOT / "configs"))
+    for p in CONFIGS
+    if p.parent.name in ("gate", "preset") and p.name != "ddp.yaml"
+]
 WITH_MULTI30K = ("preset/replicate.yaml", "preset/paper_shape.yaml", "preset/wide_experts.yaml")
 
 
@@ -216,5 +250,12 @@ def test_every_config_trains_under_every_precision(config, precision, tmp_path):
         args += ["--data.source.init_args.root", tmp_path, "--data.init_args.vocab_size", 200]
     else:
         args += ["--data.source.init_args.train_size", 300, "--data.source.init_args.val_size", 20]
-    args += ["--trainer.precision", precision, "--trainer.gradient_clip_val", 1.0, "--data.init_args.cache_dir", tmp_path / "cache"]
+    args += [
+        "--trainer.precision",
+        precision,
+        "--trainer.gradient_clip_val",
+        1.0,
+        "--data.init_args.cache_dir",
+        tmp_path / "cache",
+    ]
     train(*args, "--trainer.logger.init_args.save_dir", tmp_path / "logs", cwd=tmp_path)

@@ -10,7 +10,15 @@ import yaml
 from helpers import ROOT, scalars, tiny_config, train
 
 # Said by Lightning or by this program on every run, and of no use there.
-NOISE = ("litlogger", "FLOPs", "could not find the monitored key", "drop_last", "exists and is not empty", "v_num", "0.00 samples")
+NOISE = (
+    "litlogger",
+    "FLOPs",
+    "could not find the monitored key",
+    "drop_last",
+    "exists and is not empty",
+    "v_num",
+    "0.00 samples",
+)
 
 
 def in_terminal(*args, cwd) -> str:
@@ -48,7 +56,9 @@ def test_the_end_of_fit_summary_stays_on_screen_and_the_noise_is_gone(tmp_path):
     # The sanity check's metrics never reach the bar: the first val/loss shown comes after training began.
     assert "val/loss" not in fit[: fit.find("train/loss")]
     (tmp_path / "new.txt").write_text("first line\n\nthird line\n")
-    resumed = in_terminal("fit", "--config", tmp_path / "tiny.yaml", "--ckpt_path", "last", "--trainer.max_steps", 7, cwd=tmp_path)
+    resumed = in_terminal(
+        "fit", "--config", tmp_path / "tiny.yaml", "--ckpt_path", "last", "--trainer.max_steps", 7, cwd=tmp_path
+    )
     new = ("--data.predict_file", tmp_path / "new.txt")
     predict = in_terminal("predict", "--config", tmp_path / "tiny.yaml", "--ckpt_path", "last", *new, cwd=tmp_path)
     assert f"Predictions: {run / 'predict' / 'predictions.txt'}" in predict

@@ -19,7 +19,16 @@ def plain_argv(monkeypatch):
 def pair(gate: str = "Top2Gate", dropout: float = 0.0, **shape):
     from adamoe import gates
 
-    base = dict(d_model=16, n_heads=2, d_ff=24, num_encoder_layers=2, num_decoder_layers=2, num_experts=4, dropout=dropout, **shape)
+    base = dict(
+        d_model=16,
+        n_heads=2,
+        d_ff=24,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        num_experts=4,
+        dropout=dropout,
+        **shape,
+    )
     torch.manual_seed(0)
     dense = Transformer(TransformerConfig(**base, moe_every=0, ffn_bias=False), vocab_size=50)
     torch.manual_seed(1)
@@ -83,8 +92,22 @@ def test_dropped_biases_are_said():
 def dense_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dense")
     cfg = tiny_config(tmp)
-    train("fit", "--config", cfg, "--trainer.max_steps", 2, "--trainer.val_check_interval", 2, "--model.init_args.net.moe_every", 0,
-          "--model.init_args.net.ffn_bias", "false", "--trainer.logger.init_args.name", "dense", cwd=tmp)  # fmt: skip
+    train(
+        "fit",
+        "--config",
+        cfg,
+        "--trainer.max_steps",
+        2,
+        "--trainer.val_check_interval",
+        2,
+        "--model.init_args.net.moe_every",
+        0,
+        "--model.init_args.net.ffn_bias",
+        "false",
+        "--trainer.logger.init_args.name",
+        "dense",
+        cwd=tmp,
+    )
     return tmp, cfg, tmp / "logs" / "dense" / "version_0" / "checkpoints" / "last.ckpt"
 
 
@@ -96,9 +119,22 @@ def test_a_converted_run_trains_and_resumes(dense_run, tmp_path, caplog):
     from helpers import scalars
 
     _, cfg, ckpt = dense_run
-    args = ["--config", cfg, "--model.init_args.convert_from", ckpt, "--model.init_args.net.moe_every", 1,
-            "--model.init_args.net.ffn_bias", "false", "--trainer.logger.init_args.save_dir", tmp_path / "logs",
-            "--trainer.logger.init_args.version", "run", "--trainer.val_check_interval", 2]  # fmt: skip
+    args = [
+        "--config",
+        cfg,
+        "--model.init_args.convert_from",
+        ckpt,
+        "--model.init_args.net.moe_every",
+        1,
+        "--model.init_args.net.ffn_bias",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        tmp_path / "logs",
+        "--trainer.logger.init_args.version",
+        "run",
+        "--trainer.val_check_interval",
+        2,
+    ]
     train("fit", *args, "--trainer.max_steps", 2, cwd=tmp_path)
     assert f"Converted {ckpt} into this MoE model (random experts)" in caplog.text
     run = tmp_path / "logs" / "tiny" / "run"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import tiny_config, train
 
-from adamoe.data.batching import ShardedBatchSampler, curriculum_order, spearman
+from adamoe.data.sampler import ShardedBatchSampler, curriculum_order, spearman
 
 
 def cosine(a, b):
@@ -35,10 +35,14 @@ def test_order_on_a_hand_built_table():
     # Cosine to the anchor: s2 1, s1 .707, s5 .707, s0 0, s3 0; ties by share: s1 .25 < s5 .5,
     # s0 .25 == s3 .25 -> by index. Sample 4 has no statistics: last.
     g = torch.Generator().manual_seed(0)
-    order = curriculum_order(torch.tensor(two, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64), g).tolist()
+    order = curriculum_order(
+        torch.tensor(two, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64), g
+    ).tolist()
     assert order == [2, 1, 5, 0, 3, 4]
     assert order[:-1] == reference_order(two, tokens)
-    rev = curriculum_order(torch.tensor(two, dtype=torch.int32), torch.tensor(tokens, dtype=torch.int32), g, reverse=True).tolist()
+    rev = curriculum_order(
+        torch.tensor(two, dtype=torch.int32), torch.tensor(tokens, dtype=torch.int32), g, reverse=True
+    ).tolist()
     assert rev == [3, 0, 5, 1, 2, 4]
 
 
@@ -53,7 +57,9 @@ def test_order_with_a_zero_anchor_runs_from_simple_to_complex():
 
 
 def test_spearman_with_ties():
-    assert spearman(torch.arange(5.0), torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0])) == pytest.approx(0.9746794)  # scipy's value
+    assert spearman(torch.arange(5.0), torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0])) == pytest.approx(
+        0.9746794
+    )  # scipy's value
     assert spearman(torch.arange(4.0), torch.tensor([4.0, 3.0, 2.0, 1.0])) == pytest.approx(-1.0)
 
 
@@ -86,7 +92,9 @@ def test_two_ranks_compute_the_same_order_and_see_every_sample_once():
     assert ranks[0].global_batches() == ranks[1].global_batches()
     two, tokens = ranks[0].two_NL, ranks[0].tokens_NL
     flat = [i for b in ranks[0].global_batches() for i in b.tolist()]
-    assert flat == curriculum_order(two, tokens, torch.Generator()).tolist()  # batches are consecutive runs of the order
+    assert (
+        flat == curriculum_order(two, tokens, torch.Generator()).tolist()
+    )  # batches are consecutive runs of the order
     seen = sorted(i for s in ranks for b in s for i in b)
     assert seen == list(range(60))
     total = feed_epoch(ranks, seed=1)
@@ -130,16 +138,31 @@ def test_resuming_mid_epoch_continues_the_same_order():
 
 def test_resume_mid_epoch_through_train_py_counts_every_sample_once_as_a_recount_does(tmp_path):
     """Stopped mid-epoch and resumed, the epoch's recorded two-expert and token counts per
-    sample and MoE layer equal a recount by forward passes over the same batches (lr 1e-30, too small to change a weight, and
-    no dropout keep the weights and routing of every step those of the checkpoint)."""
+    sample and MoE layer equal a recount by forward passes over the same batches (lr 1e-30,
+    too small to change a weight, and no dropout keep the weights and routing of every step
+    those of the checkpoint)."""
     cfg = tiny_config(tmp_path)
-    common = ["--config", cfg, "--data.curriculum", "paper", "--trainer.max_epochs", 1, "--trainer.max_steps", -1,
-              "--model.optimizer.lr", 1e-30, "--model.net.dropout", 0.0]  # fmt: skip
+    common = [
+        "--config",
+        cfg,
+        "--data.curriculum",
+        "paper",
+        "--trainer.max_epochs",
+        1,
+        "--trainer.max_steps",
+        -1,
+        "--model.optimizer.lr",
+        1e-30,
+        "--model.net.dropout",
+        0.0,
+    ]
     train("fit", *common, "--trainer.max_steps", 3, cwd=tmp_path)  # stops mid-epoch, after a checkpoint at step 3
     ckpt = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)["TranslationData"]["train_sampler"]
     assert state["consumed"] == 3 and state["epoch"] == 0
-    train("fit", *common, "--ckpt_path", "last", "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # last checkpoint at epoch end
+    train(
+        "fit", *common, "--ckpt_path", "last", "--trainer.val_check_interval", 1.0, cwd=tmp_path
+    )  # last checkpoint at epoch end
     final = torch.load(ckpt, weights_only=True)
     table = final["TranslationData"]["train_sampler"]
     assert final["global_step"] > 3
@@ -148,7 +171,11 @@ def test_resume_mid_epoch_through_train_py_counts_every_sample_once_as_a_recount
     from adamoe.tasks import TranslationModule
 
     dm = TranslationData(
-        SyntheticTranslation(200, 16, 12), vocab_size=300, max_tokens=400, cache_dir=str(tmp_path / "cache"), curriculum="paper"
+        SyntheticTranslation(200, 16, 12),
+        vocab_size=300,
+        max_tokens=400,
+        cache_dir=str(tmp_path / "cache"),
+        curriculum="paper",
     )
     dm.setup("fit")
     ds = dm.splits["train"]
@@ -163,7 +190,9 @@ def test_resume_mid_epoch_through_train_py_counts_every_sample_once_as_a_recount
     two, tokens = two.int(), tokens.int()  # the sampler counts in int32
     # The last checkpoint may come before or after the epoch's counts become the table.
     ended = table["epoch_tokens_NL"].sum() == 0
-    counted_two, counted_tokens = (table["two_NL"], table["tokens_NL"]) if ended else (table["epoch_two_NL"], table["epoch_tokens_NL"])
+    counted_two, counted_tokens = (
+        (table["two_NL"], table["tokens_NL"]) if ended else (table["epoch_two_NL"], table["epoch_tokens_NL"])
+    )
     assert torch.equal(counted_tokens, tokens) and torch.equal(counted_two, two)
     assert two.sum() > 0 and (two < tokens).any()  # some tokens took two experts, not all
 
@@ -174,10 +203,26 @@ def test_validation_follows_each_epoch_whatever_its_number_of_batches(tmp_path):
     from adamoe.data import SyntheticTranslation, TranslationData
 
     cfg = tiny_config(tmp_path)
-    train("fit", "--config", cfg, "--data.curriculum", "random", "--trainer.max_epochs", 3, "--trainer.max_steps", -1,
-          "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # fmt: skip
+    train(
+        "fit",
+        "--config",
+        cfg,
+        "--data.curriculum",
+        "random",
+        "--trainer.max_epochs",
+        3,
+        "--trainer.max_steps",
+        -1,
+        "--trainer.val_check_interval",
+        1.0,
+        cwd=tmp_path,
+    )
     dm = TranslationData(
-        SyntheticTranslation(200, 16, 12), vocab_size=300, max_tokens=400, cache_dir=str(tmp_path / "cache"), curriculum="random"
+        SyntheticTranslation(200, 16, 12),
+        vocab_size=300,
+        max_tokens=400,
+        cache_dir=str(tmp_path / "cache"),
+        curriculum="random",
     )
     dm.setup("fit")
     ends, step = [], 0

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from adamoe.data import DataError, ParallelText, SyntheticTranslation, TableFiles, TranslationData
+from adamoe.data import ParallelText, SyntheticTranslation, TableFiles, TranslationData
 from adamoe.data import tokenizer as bpe
-from adamoe.data.batching import ShardedBatchSampler
+from adamoe.data.sampler import ShardedBatchSampler
+from adamoe.errors import DataError
 
 
 def write(path, text: str | bytes):
@@ -62,9 +63,17 @@ def test_empty_file(tmp_path):
 
 def test_table_files_tsv_jsonl_and_errors(tmp_path):
     tsv = write(tmp_path / "t.tsv", "de\ten\nhallo\thello\nwelt\tworld\n")
-    assert TableFiles(str(tsv), str(tsv), columns={"source": "de", "target": "en"}).load("train")["target"] == ["hello", "world"]
-    jl = write(tmp_path / "t.jsonl", "".join(json.dumps({"translation": {"de": d, "en": e}}) + "\n" for d, e in [("a", "b"), ("c", "d")]))
-    assert TableFiles(str(jl), str(jl), columns={"source": "translation.de", "target": "translation.en"}).load("val")["source"] == [
+    assert TableFiles(str(tsv), str(tsv), columns={"source": "de", "target": "en"}).load("train")["target"] == [
+        "hello",
+        "world",
+    ]
+    jl = write(
+        tmp_path / "t.jsonl",
+        "".join(json.dumps({"translation": {"de": d, "en": e}}) + "\n" for d, e in [("a", "b"), ("c", "d")]),
+    )
+    assert TableFiles(str(jl), str(jl), columns={"source": "translation.de", "target": "translation.en"}).load("val")[
+        "source"
+    ] == [
         "a",
         "c",
     ]
@@ -207,11 +216,22 @@ def test_cache_is_rebuilt_when_anything_it_depends_on_changes(tmp_path, monkeypa
     assert again.dataset_dir == built and f"Reusing cached dataset {built}" in caplog.text
     monkeypatch.undo()
 
-    assert TranslationData(ParallelText(str(root), "de", "en"), vocab_size=41, cache_dir=str(tmp_path / "cache")).dataset_dir != built
+    assert (
+        TranslationData(
+            ParallelText(str(root), "de", "en"), vocab_size=41, cache_dir=str(tmp_path / "cache")
+        ).dataset_dir
+        != built
+    )
     synthetic = dict(train_size=10, val_size=2, test_size=2)
     embedded = TranslationData(SyntheticTranslation(**synthetic), cache_dir=str(tmp_path / "cache"))
-    assert embedded.dataset_dir != TranslationData(SyntheticSentiment(**synthetic), cache_dir=str(tmp_path / "cache")).dataset_dir
-    assert embedded.dataset_dir != ClassificationData(SyntheticTranslation(**synthetic), cache_dir=str(tmp_path / "cache")).dataset_dir
+    assert (
+        embedded.dataset_dir
+        != TranslationData(SyntheticSentiment(**synthetic), cache_dir=str(tmp_path / "cache")).dataset_dir
+    )
+    assert (
+        embedded.dataset_dir
+        != ClassificationData(SyntheticTranslation(**synthetic), cache_dir=str(tmp_path / "cache")).dataset_dir
+    )
     import os
     import time
 
@@ -242,7 +262,9 @@ def test_word_labels_land_on_the_first_piece_of_each_word():
         pieces = [len(tok.encode(w, add_special_tokens=False).ids) for w in words]
         expected = [x for label, n in zip(labels, pieces) for x in [label] + [-100] * (n - 1)] + [-100]
         assert aligned == expected, (text, tok.encode(text).tokens)
-    assert max(len(tok.encode(w, add_special_tokens=False).ids) for w in texts[1].split()) > 1  # a word of several pieces
+    assert (
+        max(len(tok.encode(w, add_special_tokens=False).ids) for w in texts[1].split()) > 1
+    )  # a word of several pieces
     with pytest.raises(ValueError, match="2 labels for a text of 5 words"):
         bpe.align_labels(tok, tok.encode(texts[0]).ids, [0, 1])
 

@@ -11,7 +11,7 @@ from helpers import scalars, tiny_config, train
 
 from adamoe.data import TranslationData
 from adamoe.data.batch import collate
-from adamoe.data.batching import ShardedBatchSampler
+from adamoe.data.sampler import ShardedBatchSampler
 from adamoe.data.sources import SyntheticTranslation
 from adamoe.tasks import TranslationModule
 
@@ -45,7 +45,9 @@ def ddp_run(tmp_path_factory):
 def test_logged_expert_counts_are_the_sum_over_ranks(ddp_run):
     tmp, cfg = ddp_run
     run = tmp / "logs" / "tiny" / "version_0"
-    model = TranslationModule.load_from_checkpoint(tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt").train()
+    model = TranslationModule.load_from_checkpoint(
+        tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    ).train()
     dm, ds = train_split(cfg)
     lengths = [max(len(s), len(t)) for s, t in zip(ds["src"], ds["tgt"])]
     tokens, two, load = 0, 0, 0
@@ -60,7 +62,9 @@ def test_logged_expert_counts_are_the_sum_over_ranks(ddp_run):
             load = load + enc.expert_load_E
     logged = dict(scalars(run)["experts/enc.1/two_expert_share"])
     assert logged[1] == pytest.approx(two / tokens, rel=1e-6)
-    assert dict(scalars(run)["experts/enc.1/load_imbalance"])[1] == pytest.approx((load.max() / load.float().mean()).item(), rel=1e-6)
+    assert dict(scalars(run)["experts/enc.1/load_imbalance"])[1] == pytest.approx(
+        (load.max() / load.float().mean()).item(), rel=1e-6
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(run), size_guidance={"histograms": 0, "images": 0})
@@ -102,7 +106,9 @@ def test_epoch_time_throughput_and_time_to_target(ddp_run):
 def test_routing_analysis_lists_whole_words(ddp_run):
     tmp, cfg = ddp_run
     rows = list(csv.DictReader(open(tmp / "logs" / "tiny" / "version_0" / "routing_words.tsv"), delimiter="\t"))
-    val = SyntheticTranslation(**yaml.safe_load(cfg.read_text())["data"]["init_args"]["source"]["init_args"]).load("val")
+    val = SyntheticTranslation(**yaml.safe_load(cfg.read_text())["data"]["init_args"]["source"]["init_args"]).load(
+        "val"
+    )
     words = {w for col in ("source", "target") for line in val[col] for w in line.split()}
     assert rows and {r["layer"] for r in rows} == {"enc.1", "dec.1"}
     assert all(r["word"] in words for r in rows)
@@ -121,7 +127,20 @@ def test_validation_metrics_match_a_single_process(ddp_run):
     ckpt = tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     version = "--trainer.logger.init_args.version"
     train("validate", "--config", cfg, "--ckpt_path", ckpt, *DDP, version, "two", cwd=tmp)
-    train("validate", "--config", cfg, "--ckpt_path", ckpt, "--trainer.devices", 1, "--trainer.accelerator", "cpu", version, "one", cwd=tmp)
+    train(
+        "validate",
+        "--config",
+        cfg,
+        "--ckpt_path",
+        ckpt,
+        "--trainer.devices",
+        1,
+        "--trainer.accelerator",
+        "cpu",
+        version,
+        "one",
+        cwd=tmp,
+    )
     two, one = (scalars(tmp / "logs" / "tiny" / v) for v in ("two", "one"))
     for tag in ("val/loss", "val/bleu"):
         assert two[tag][-1][1] == pytest.approx(one[tag][-1][1], rel=1e-5, abs=1e-6)
@@ -129,8 +148,21 @@ def test_validation_metrics_match_a_single_process(ddp_run):
 
 def test_curriculum_under_ddp_keeps_one_full_table(tmp_path):
     cfg = tiny_config(tmp_path)
-    train("fit", "--config", cfg, *DDP, "--data.curriculum", "paper", "--trainer.max_steps", -1, "--trainer.max_epochs", 2,
-          "--trainer.val_check_interval", 1.0, cwd=tmp_path)  # fmt: skip
+    train(
+        "fit",
+        "--config",
+        cfg,
+        *DDP,
+        "--data.curriculum",
+        "paper",
+        "--trainer.max_steps",
+        -1,
+        "--trainer.max_epochs",
+        2,
+        "--trainer.val_check_interval",
+        1.0,
+        cwd=tmp_path,
+    )
     ckpt = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     table = torch.load(ckpt, weights_only=True)["TranslationData"]["train_sampler"]
     assert table["epoch"] == 1 and table["order"] == "paper"
@@ -235,7 +267,8 @@ def test_predict_under_ddp_writes_line_i_for_input_i(ddp_run):
     state = torch.load(tmp / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     g = torch.Generator().manual_seed(0)
     state["state_dict"] = {
-        k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state["state_dict"].items()
+        k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in state["state_dict"].items()
     }
     ckpt = tmp / "noisy.ckpt"
     torch.save(state, ckpt)
@@ -259,7 +292,9 @@ def test_predict_under_ddp_writes_line_i_for_input_i(ddp_run):
     model = TranslationModule.load_from_checkpoint(ckpt).eval()
     data_cfg = yaml.safe_load(cfg.read_text())["data"]["init_args"]
     dm = TranslationData(
-        SyntheticTranslation(**data_cfg["source"]["init_args"]), vocab_size=data_cfg["vocab_size"], cache_dir=data_cfg["cache_dir"]
+        SyntheticTranslation(**data_cfg["source"]["init_args"]),
+        vocab_size=data_cfg["vocab_size"],
+        cache_dir=data_cfg["cache_dir"],
     )
     dm.setup("predict")
     expected = []

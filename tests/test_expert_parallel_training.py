@@ -18,7 +18,9 @@ from adamoe.transformer import TransformerConfig
 
 ARGS = dict(
     vocab_size=40,
-    net=TransformerConfig(d_model=16, n_heads=2, d_ff=24, num_encoder_layers=2, num_decoder_layers=2, num_experts=4, dropout=0.0),
+    net=TransformerConfig(
+        d_model=16, n_heads=2, d_ff=24, num_encoder_layers=2, num_decoder_layers=2, num_experts=4, dropout=0.0
+    ),
 )
 EXPERT = ("w0_EDF", "w1_EFD")
 
@@ -38,7 +40,10 @@ def adamw(module):
     """Decay on matrices only. Listing the no-decay group first puts the expert weights at
     other positions of the optimizer state than in `module.parameters()`."""
     params = list(module.parameters())
-    groups = [{"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}, {"params": [p for p in params if p.dim() >= 2]}]
+    groups = [
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2]},
+    ]
     return torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1)
 
 
@@ -65,7 +70,9 @@ def assert_matches(module, opt, ref, ref_opt, rank):
         torch.testing.assert_close(p, want, atol=1e-10, rtol=0, msg=name)
         for key in ("exp_avg", "exp_avg_sq"):
             got, exp = opt.state[p][key], ref_state[name][key]
-            torch.testing.assert_close(got, shard_of(exp, rank) if expert else exp, atol=1e-12, rtol=0, msg=f"{name} {key}")
+            torch.testing.assert_close(
+                got, shard_of(exp, rank) if expert else exp, atol=1e-12, rtol=0, msg=f"{name} {key}"
+            )
 
 
 def _train_save_resume(rank):

@@ -21,7 +21,14 @@ STEPS = 14
 def run(*args, cwd, fault: str = "", timeout: int = 240, **env):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FAULT": fault, **env}
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, str(FAULTY), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, str(FAULTY), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     out.seconds = time.perf_counter() - started
     return out
 
@@ -70,7 +77,9 @@ def test_killed_at_every_stage_resumes_to_the_same_losses(reference, tmp_path):
         assert out.returncode == -signal.SIGKILL, f"{fault}: {out.stderr[-2000:]}"
         after = last_step(ckpts)  # loads with weights_only: a whole, plain-data file
         if fault == "prepare:1":
-            assert after is None and not any(p.is_dir() and not p.name.startswith(".") for p in (tmp_path / "cache" / "datasets").iterdir())
+            assert after is None and not any(
+                p.is_dir() and not p.name.startswith(".") for p in (tmp_path / "cache" / "datasets").iterdir()
+            )
         elif fault == "step:4":
             assert after == (before or 0) + 3  # the three finished steps of this process are saved
         elif fault == "checkpoint:3":
@@ -221,7 +230,9 @@ def test_cache_keys_keep_tasks_with_equal_sources_apart(tmp_path):
         cfg["trainer"]["max_steps"] = 2
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
         train("fit", "--config", tmp_path / f"{name}.yaml", cwd=tmp_path)
-    assert len([p for p in (tmp_path / "cache" / "datasets").iterdir() if not p.name.startswith(".")]) == 2  # not the locks
+    assert (
+        len([p for p in (tmp_path / "cache" / "datasets").iterdir() if not p.name.startswith(".")]) == 2
+    )  # not the locks
 
 
 @pytest.mark.slow
@@ -262,7 +273,9 @@ def test_signal_saves_the_step_and_resume_gives_the_same_losses(reference, tmp_p
     out = run("fit", "--config", cfg, cwd=tmp_path, fault=f"{name}:7")
     assert out.returncode == 128 + getattr(signal, name.upper()), out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"error: stopped by {name.upper()} at step 7") and f"--ckpt_path {ckpts / 'last.ckpt'}" in line, line
+    assert (
+        line.startswith(f"error: stopped by {name.upper()} at step 7") and f"--ckpt_path {ckpts / 'last.ckpt'}" in line
+    ), line
     assert last_step(ckpts) == 7
     final = run("fit", "--config", cfg, "--ckpt_path", "last", cwd=tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]

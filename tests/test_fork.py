@@ -44,7 +44,9 @@ def test_a_task_outside_the_package_trains_through_train_py(regression, tmp_path
     best = json.loads((run / "version_0" / "metrics.json").read_text())["best"]
     assert best["val/mse"] == min(v for _, v in logged["val/mse"])  # best by the config's monitor
     assert any(p.name.startswith("best-") for p in (run / "version_0" / "checkpoints").iterdir())
-    train("predict", "--config", regression, "--ckpt_path", run / "version_0" / "checkpoints" / "last.ckpt", cwd=tmp_path)
+    train(
+        "predict", "--config", regression, "--ckpt_path", run / "version_0" / "checkpoints" / "last.ckpt", cwd=tmp_path
+    )
     predictions = [float(x) for x in (tmp_path / "pred.txt").read_text().split()]
     truth = fork.Clauses(1500, 100, 60).load("test")["score"]
     assert len(predictions) == len(truth)
@@ -68,7 +70,16 @@ def test_a_token_level_task_outside_the_package_tags_every_word(tmp_path, monkey
     assert sum(p == t for p, t in words) / len(words) > 0.9
     # New text, words the generator never made included: still one tag per word.
     (tmp_path / "new.txt").write_text("der hund sieht die katze .\nein xyzzyq qwv\n")
-    train("predict", "--config", path, "--ckpt_path", "last", "--data.init_args.predict_file", tmp_path / "new.txt", cwd=tmp_path)
+    train(
+        "predict",
+        "--config",
+        path,
+        "--ckpt_path",
+        "last",
+        "--data.init_args.predict_file",
+        tmp_path / "new.txt",
+        cwd=tmp_path,
+    )
     lines = (tmp_path / "pred.txt").read_text().splitlines()
     assert [len(line.split()) for line in lines] == [6, 3]
     assert lines[0].split()[0] == "1" and lines[0].split()[3] == "1"  # the articles

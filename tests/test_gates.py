@@ -19,7 +19,9 @@ def gate_with_logits(cls, logits_TE, **kwargs):
 #   token 0: logits (ln 6, ln 3, 0)    -> p = (0.6, 0.3, 0.1); p1' = 2/3, p2' = 1/3, gap 1/3
 #   token 1: logits (0, ln 4.5, ln 4.5) -> p = (0.1, 0.45, 0.45); gap 0 (a tie)
 #   token 2: logits (ln 5, 0, ln 4)    -> p = (0.5, 0.1, 0.4); p1' = 5/9, p2' = 4/9, gap 1/9
-LOGITS = torch.tensor([[math.log(6), math.log(3), 0.0], [0.0, math.log(4.5), math.log(4.5)], [math.log(5), 0.0, math.log(4)]])
+LOGITS = torch.tensor(
+    [[math.log(6), math.log(3), 0.0], [0.0, math.log(4.5), math.log(4.5)], [math.log(5), 0.0, math.log(4)]]
+)
 
 
 def assignments(r):
@@ -47,7 +49,8 @@ def test_top2_normalizes_the_two_weights():
 
 
 @pytest.mark.parametrize(
-    "threshold,two", [(0.0, [False, True, False]), (0.1, [False, True, False]), (0.12, [False, True, True]), (1.0, [True, True, True])]
+    "threshold,two",
+    [(0.0, [False, True, False]), (0.1, [False, True, False]), (0.12, [False, True, True]), (1.0, [True, True, True])],
 )
 def test_adaptive_takes_two_experts_where_the_gap_is_small(threshold, two):
     gate, x = gate_with_logits(AdaptiveGate, LOGITS, threshold=threshold, aux_loss_coef=0.0)
@@ -135,14 +138,18 @@ def test_capacity_drops_second_choices_first():
 @pytest.mark.parametrize(
     ("p", "max_experts", "want"),
     [
-        # token 0 reaches 0.5 at its first expert; token 2's first expert is exactly 0.5 (a tie at p); token 1 needs both 0.45s.
+        # token 0 reaches 0.5 at its first expert; token 2's first expert is exactly 0.5 (a
+        # tie at p); token 1 needs both 0.45s.
         (0.5, None, {0: {0: 0.6}, 1: {1: 0.45, 2: 0.45}, 2: {0: 0.5}}),
         # Every token reaches 0.9 with two experts exactly: the third is not taken.
         (0.9, None, {0: {0: 0.6, 1: 0.3}, 1: {1: 0.45, 2: 0.45}, 2: {0: 0.5, 2: 0.4}}),
         (
             1.0,
             None,
-            {t: {e: round(p, 6) for e, p in enumerate(row)} for t, row in enumerate([(0.6, 0.3, 0.1), (0.1, 0.45, 0.45), (0.5, 0.1, 0.4)])},
+            {
+                t: {e: round(p, 6) for e, p in enumerate(row)}
+                for t, row in enumerate([(0.6, 0.3, 0.1), (0.1, 0.45, 0.45), (0.5, 0.1, 0.4)])
+            },
         ),
         (1.0, 1, {0: {0: 0.6}, 1: {1: 0.45}, 2: {0: 0.5}}),  # capped: top-1 with the raw probability
     ],
@@ -203,7 +210,8 @@ def test_null_expert_balance_loss_pools_the_nulls():
     probs = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.4, 0.1, 0.4, 0.1], [0.1, 0.1, 0.5, 0.3]])
     gate = NullExpertGate(4, 2, k=2, num_null=2)
     # Picks: token 0 -> 0, 1; token 1 -> 0, 2 (its two 0.4s); token 2 -> 2, 3.
-    # Loads over 6 picks: (2, 1, 2, 1) / 6, pooled nulls (1.5, 1.5) / 6; mean probabilities (1/3, 1/6, 1/3, 1/6), pooled (1/4, 1/4).
+    # Loads over 6 picks: (2, 1, 2, 1) / 6, pooled nulls (1.5, 1.5) / 6; mean probabilities
+    # (1/3, 1/6, 1/3, 1/6), pooled (1/4, 1/4).
     want = 4 * (2 / 6 * 1 / 3 + 1 / 6 * 1 / 6 + 2 * (1.5 / 6 * 1 / 4))
     assert gate.load_balancing_loss(probs).item() == pytest.approx(want)
 
@@ -223,7 +231,10 @@ def test_relu_gate_sends_each_token_to_its_positive_experts():
     r = gate(x)
     # Token 1 has no positive value: no expert. Weights are the relu values themselves.
     assert assignments(r) == [(0, 0, 0.5), (0, 2, 0.25), (2, 0, 1.0), (2, 1, 2.0), (2, 2, 3.0)]
-    assert r.experts_per_token_T.tolist() == [2, 0, 3] and r.token_index_N[:2].tolist() == [0, 2]  # largest values first
+    assert r.experts_per_token_T.tolist() == [2, 0, 3] and r.token_index_N[:2].tolist() == [
+        0,
+        2,
+    ]  # largest values first
     capped, x = gate_with_logits(ReLUGate, logits, max_experts=1)
     assert assignments(capped(x)) == [(0, 0, 0.5), (2, 2, 3.0)]
 

@@ -18,7 +18,11 @@ def short_help(capsys, *args) -> list[str]:
 def test_fit_help_starts_with_gates_threshold_and_data_sources(capsys):
     lines = short_help(capsys, "fit", "--help")
     first = "\n".join(lines[:60])
-    gates = [c.__name__ for c in vars(adamoe).values() if isinstance(c, type) and issubclass(c, adamoe.Gate) and c is not adamoe.Gate]
+    gates = [
+        c.__name__
+        for c in vars(adamoe).values()
+        if isinstance(c, type) and issubclass(c, adamoe.Gate) and c is not adamoe.Gate
+    ]
     assert len(gates) >= 6 and all(re.search(rf"^  {g} ", first, re.M) for g in gates)
     assert re.search(r"^    threshold +a token whose normalized top-1/top-2 gap", first, re.M)
     for name in ("ParallelText", "TableFiles", "HubDataset", "TextLines"):
@@ -37,11 +41,30 @@ def test_program_help_lists_the_subcommands(capsys):
 
 def test_short_names_in_the_help_are_accepted_by_the_parser():
     cli = main(
-        ["--config", str(ROOT / "configs/quickstart.yaml"), "--model.net.gate", "TopPGate", "--model.net.gate.p", "0.6",
-         "--model.net.d_model", "64", "--data.max_tokens", "1000", "--data.source", "ParallelText", "--data.source.root", "x",
-         "--data.source.src_lang", "de", "--data.source.tgt_lang", "en", "--trainer.max_steps", "5"],
+        [
+            "--config",
+            str(ROOT / "configs/quickstart.yaml"),
+            "--model.net.gate",
+            "TopPGate",
+            "--model.net.gate.p",
+            "0.6",
+            "--model.net.d_model",
+            "64",
+            "--data.max_tokens",
+            "1000",
+            "--data.source",
+            "ParallelText",
+            "--data.source.root",
+            "x",
+            "--data.source.src_lang",
+            "de",
+            "--data.source.tgt_lang",
+            "en",
+            "--trainer.max_steps",
+            "5",
+        ],
         run=False,
-    )  # fmt: skip
+    )
     config = cli.config
     assert config.model.init_args.net.gate.class_path == "adamoe.TopPGate"
     assert config.model.init_args.net.gate.init_args.p == 0.6 and config.model.init_args.net.d_model == 64

@@ -55,7 +55,11 @@ def test_loss_includes_aux_and_ignores_padding():
     total = 0.0
     for i in range(3):
         n = int((~b["tgt_pad"][i]).sum())
-        alone = {k: v[i : i + 1, :n] if k in ("tgt_in", "tgt_out", "tgt_pad") else v[i : i + 1] for k, v in b.items() if torch.is_tensor(v)}
+        alone = {
+            k: v[i : i + 1, :n] if k in ("tgt_in", "tgt_out", "tgt_pad") else v[i : i + 1]
+            for k, v in b.items()
+            if torch.is_tensor(v)
+        }
         m_src = int((~b["src_pad"][i]).sum())
         alone.update(src=alone["src"][:, :m_src], src_pad=alone["src_pad"][:, :m_src])
         total += m._losses(alone)[1].item() * n
@@ -94,7 +98,9 @@ def test_classification_pools_the_first_state_or_the_mean_of_real_ones(pooling):
     from adamoe.tasks import ClassificationModule
 
     torch.manual_seed(0)
-    net = TransformerConfig(d_model=16, n_heads=2, d_ff=32, num_encoder_layers=2, num_decoder_layers=0, num_experts=4, dropout=0.0)
+    net = TransformerConfig(
+        d_model=16, n_heads=2, d_ff=32, num_encoder_layers=2, num_decoder_layers=0, num_experts=4, dropout=0.0
+    )
     m = ClassificationModule(net=net, vocab_size=50, pooling=pooling)
     b = batch()
     logits, _ = m(b)
@@ -115,7 +121,9 @@ def test_translation_losses_are_those_of_the_projected_logits():
     smoothed, logged, _ = m.step(b)
     logits, _ = m(b)
     flat, target = logits.flatten(0, 1), b["tgt_out"].flatten()
-    torch.testing.assert_close(smoothed, F.cross_entropy(flat, target, ignore_index=m.hparams.pad_id, label_smoothing=0.2))
+    torch.testing.assert_close(
+        smoothed, F.cross_entropy(flat, target, ignore_index=m.hparams.pad_id, label_smoothing=0.2)
+    )
     torch.testing.assert_close(logged["nll"], F.cross_entropy(flat, target, ignore_index=m.hparams.pad_id))
 
 
@@ -123,7 +131,16 @@ def test_a_schedule_in_shares_of_the_run_follows_the_trainers_limits(tmp_path):
     from helpers import scalars, tiny_config, train
 
     cosine = "{class_path: adamoe.schedulers.WarmupCosine, init_args: {warmup_steps: 0.25, min_ratio: 0.0}}"
-    train("fit", "--config", tiny_config(tmp_path), "--trainer.max_steps", 8, "--model.init_args.lr_scheduler", cosine, cwd=tmp_path)
+    train(
+        "fit",
+        "--config",
+        tiny_config(tmp_path),
+        "--trainer.max_steps",
+        8,
+        "--model.init_args.lr_scheduler",
+        cosine,
+        cwd=tmp_path,
+    )
     lrs = [v for _, v in scalars(tmp_path / "logs" / "tiny" / "version_0")["lr-AdamW"]]
     peak = 1e-3  # AdamW's default, which the tiny config keeps
     # 8 steps: a warmup of 2, then a cosine toward 0 over the other 6.
@@ -147,7 +164,9 @@ def test_a_run_limited_by_time_is_as_long_as_its_first_steps_pace_allows():
 
     timed = SimpleNamespace(estimated_stepping_batches=float("inf"), callbacks=[Clock(duration="00:00:00:50")])
     assert estimate_length(timed, 20) == 20 + 80  # 0.5 s a step, 40 s left
-    assert estimate_length(SimpleNamespace(estimated_stepping_batches=60, callbacks=timed.callbacks), 20) == 60  # steps end it first
+    assert (
+        estimate_length(SimpleNamespace(estimated_stepping_batches=60, callbacks=timed.callbacks), 20) == 60
+    )  # steps end it first
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = WarmupInverseSqrt(opt, warmup_steps=0.1)
     sched.total_steps = 100

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
 from adamoe.moe import MoELayer
+from adamoe.parallel import shard_experts
 from adamoe.transformer import Transformer, TransformerConfig
 
 GATES = {"top1": Top1Gate, "top2": Top2Gate, "adaptive": lambda d, e: AdaptiveGate(d, e, threshold=0.3)}
@@ -41,7 +42,9 @@ def _check_grads(rank, full, sharded, local_experts):
         else:
             g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(g)
-            torch.testing.assert_close(g, ref[name].grad if ref[name].grad is not None else torch.zeros_like(g), atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                g, ref[name].grad if ref[name].grad is not None else torch.zeros_like(g), atol=1e-5, rtol=0
+            )
 
 
 def _layer_case(rank, gate_name):
@@ -58,7 +61,7 @@ def _layer_case(rank, gate_name):
 
     sharded = copy.deepcopy(full)
     sharded.zero_grad(set_to_none=True)
-    sharded.shard()
+    shard_experts(sharded)
     part = slice(2 * rank, 2 * rank + 2)
     x_local = x[part].clone().requires_grad_()
     y_local, routing = sharded(x_local, pad[part])
@@ -66,7 +69,7 @@ def _layer_case(rank, gate_name):
     torch.testing.assert_close(y_local, y_full[part], atol=1e-5, rtol=0)
     torch.testing.assert_close(x_local.grad, x_full.grad[part], atol=1e-5, rtol=0)
     _check_grads(rank, full, sharded, E // 2)
-    received = torch.tensor([routing.ep_received])
+    received = torch.tensor([sharded.dispatcher.received])
     dist.all_reduce(received)
     assert received.item() == routing.token_index_N.numel() + _other(routing.token_index_N.numel())
 
@@ -98,8 +101,7 @@ def _model_case(rank, gate_name):
 
     sharded = copy.deepcopy(full)
     sharded.zero_grad(set_to_none=True)
-    for layer in sharded.moe_layers():
-        layer.shard()
+    shard_experts(sharded)
     part = slice(2 * rank, 2 * rank + 2)
     logits, _ = sharded(src[part], tgt[part])
     (logits * g[part]).sum().backward()
@@ -115,7 +117,7 @@ def _model_case(rank, gate_name):
 def _model_cases_then_bad_split(rank):
     _every_gate(rank, _model_case)
     with pytest.raises(ValueError, match="num_experts \\(3\\) divisible by the 2 ranks"):
-        MoELayer(8, 16, 3, Top2Gate(8, 3)).shard()
+        shard_experts(MoELayer(8, 16, 3, Top2Gate(8, 3)))
 
 
 def test_expert_parallel_model_matches_one_process_for_every_gate_and_experts_must_divide_over_ranks():

@@ -21,8 +21,20 @@ def test_bf16_mixed_loss_curve_follows_fp32(tmp_path):
     cfg.write_text(yaml.safe_dump(config))
     curves = {}
     for precision in ("32-true", "bf16-mixed"):
-        train("fit", "--config", cfg, "--trainer.precision", precision, "--trainer.max_steps", 40, "--trainer.limit_val_batches", 0,
-              "--trainer.logger.init_args.version", precision, cwd=tmp_path)  # fmt: skip
+        train(
+            "fit",
+            "--config",
+            cfg,
+            "--trainer.precision",
+            precision,
+            "--trainer.max_steps",
+            40,
+            "--trainer.limit_val_batches",
+            0,
+            "--trainer.logger.init_args.version",
+            precision,
+            cwd=tmp_path,
+        )
         curves[precision] = dict(scalars(tmp_path / "logs" / "tiny" / precision)["train/loss"])
     fp32, bf16 = curves["32-true"], curves["bf16-mixed"]
     assert sorted(fp32) == sorted(bf16) and len(fp32) == 40

@@ -29,7 +29,14 @@ def test_full_plan_runs_seed_by_seed_then_the_sweep():
 
 def test_only_and_seeds_pick_exactly_those_runs():
     assert plan(only=["adaptive-T0.4"], seeds=[0]) == [("adaptive-T0.4", 0)]
-    assert plan(only=["dense", "top1"]) == [("dense", 0), ("top1", 0), ("dense", 1), ("top1", 1), ("dense", 2), ("top1", 2)]
+    assert plan(only=["dense", "top1"]) == [
+        ("dense", 0),
+        ("top1", 0),
+        ("dense", 1),
+        ("top1", 1),
+        ("dense", 2),
+        ("top1", 2),
+    ]
 
 
 def test_steps_to_interpolates_between_validations():
@@ -41,11 +48,21 @@ def test_steps_to_interpolates_between_validations():
 
 def summary(name, seed, values, share):
     return {
-        "name": name, "seed": seed, "date": "2026-01-01T00:00:00+00:00", "machine": {"cpu": "test CPU"}, "steps": 150,
-        "fit_wall_s": 60.0, "commands": [{"command": "python train.py fit", "wall_s": 60.0}],
-        "curve": [{"step": 50 * (i + 1), "value": v} for i, v in enumerate(values)], "epochs": [], "ep_cost": [],
-        "flops_per_token": 6e6, "two_expert_share": share, "layer_share": {"enc.0": share}, "test_bleu": 30.0 + seed,
-    }  # fmt: skip
+        "name": name,
+        "seed": seed,
+        "date": "2026-01-01T00:00:00+00:00",
+        "machine": {"cpu": "test CPU"},
+        "steps": 150,
+        "fit_wall_s": 60.0,
+        "commands": [{"command": "python train.py fit", "wall_s": 60.0}],
+        "curve": [{"step": 50 * (i + 1), "value": v} for i, v in enumerate(values)],
+        "epochs": [],
+        "ep_cost": [],
+        "flops_per_token": 6e6,
+        "two_expert_share": share,
+        "layer_share": {"enc.0": share},
+        "test_bleu": 30.0 + seed,
+    }
 
 
 def test_report_normalizes_steps_by_step_time(tmp_path):
@@ -60,12 +77,21 @@ def test_report_normalizes_steps_by_step_time(tmp_path):
     schemes = {n: {"vs_top2": v, "flops_vs_top2": f, "expert_flop_share": 0.3} for n, (v, f) in step_time.items()}
     (tmp_path / "step_time.json").write_text(json.dumps({"commit": "abc1234", "schemes": schemes}))
     args = argparse.Namespace(
-        budget=100, steps=150, out=tmp_path, store=tmp_path / "runs", report=tmp_path / "RESULTS.md", mode="full", quick=False
+        budget=100,
+        steps=150,
+        out=tmp_path,
+        store=tmp_path / "runs",
+        report=tmp_path / "RESULTS.md",
+        mode="full",
+        quick=False,
     )
     text = replicate.report(runs, args)
     assert "**3.100**" in text
     assert "| adaptive T=0.1 | 120 (1 seed) | 1.20 (1 seed) | 0.900 (FLOPs 0.850) | 1.08 (1 seed) |" in text
-    assert "| top-2 | 100 [95-105] (2 seeds) | 1.00 [0.95-1.05] (2 seeds) | 1.000 (FLOPs 1.000) | 1.00 [0.95-1.05] (2 seeds) |" in text
+    assert (
+        "| top-2 | 100 [95-105] (2 seeds) | 1.00 [0.95-1.05] (2 seeds) | 1.000 (FLOPs 1.000) | 1.00 [0.95-1.05] (2 "
+        "seeds) |" in text
+    )
     assert (tmp_path / "full-curves.png").stat().st_size > 0
     assert "| adaptive | 25.0% |" in text
 
@@ -79,7 +105,13 @@ def test_report_when_a_top2_seed_misses_the_mean_target(tmp_path):
         "adaptive": [summary("adaptive", 0, [4.5, 3.5, 2.5], 0.25)],
     }
     args = argparse.Namespace(
-        budget=100, steps=150, out=tmp_path, store=tmp_path / "runs", report=tmp_path / "RESULTS.md", mode="full", quick=False
+        budget=100,
+        steps=150,
+        out=tmp_path,
+        store=tmp_path / "runs",
+        report=tmp_path / "RESULTS.md",
+        mode="full",
+        quick=False,
     )
     text = replicate.report(runs, args)
     assert "| top-2 | 90 (1 seed), 1 not reached | n/a |" in text
@@ -104,7 +136,13 @@ def test_curriculum_cost_pairs_epochs_of_a_resumed_run(tmp_path):
         ],
     }
     args = argparse.Namespace(
-        budget=100, steps=150, out=tmp_path, store=tmp_path / "runs", report=tmp_path / "RESULTS.md", mode="full", quick=False
+        budget=100,
+        steps=150,
+        out=tmp_path,
+        store=tmp_path / "runs",
+        report=tmp_path / "RESULTS.md",
+        mode="full",
+        quick=False,
     )
     text = replicate.report(runs, args)
     assert "paper order 5.0000 (1 seed), no curriculum 2.5000 (1 seed)" in text  # (60 + 40) / 20 and / 40
@@ -120,21 +158,40 @@ def test_paper_protocol_plan_and_report(tmp_path):
     # adaptive arm reaches it at step 180: 1.20x. The curves end at step 250: no later targets.
     curve = lambda values: [{"step": 50 * (i + 1), "value": v} for i, v in enumerate(values)]  # noqa: E731
     top2 = [
-        {"name": "top2", "seed": s, "curve": curve(v), "test_bleu": 30.0, "two_expert_share": 1.0, "steps": 600, "machine": {"cpu": "x"},
-         "date": "2026-12-02"} for s, v in ((0, [5.0, 4.0, 3.0, 2.0, 1.9]), (1, [5.2, 4.2, 3.2, 2.2, 2.1]))
-    ]  # fmt: skip
-    adaptive = dict(top2[0], name="adaptive-no-curriculum", curve=curve([5.0, 4.5, 3.4, 2.9, 2.5]), two_expert_share=0.2)
+        {
+            "name": "top2",
+            "seed": s,
+            "curve": curve(v),
+            "test_bleu": 30.0,
+            "two_expert_share": 1.0,
+            "steps": 600,
+            "machine": {"cpu": "x"},
+            "date": "2026-12-02",
+        }
+        for s, v in ((0, [5.0, 4.0, 3.0, 2.0, 1.9]), (1, [5.2, 4.2, 3.2, 2.2, 2.1]))
+    ]
+    adaptive = dict(
+        top2[0], name="adaptive-no-curriculum", curve=curve([5.0, 4.5, 3.4, 2.9, 2.5]), two_expert_share=0.2
+    )
     store = tmp_path / "runs-paper"
     text = paper_protocol.report({"top2": top2, "adaptive-no-curriculum": [adaptive]}, store)
     assert "| step 150 (3.100) | step 250 (2.000) |" in text  # the mean of 1.9 and 2.1
     # Step 250's target: seed 1 of top-2 never reaches it, so no arm has a ratio there.
-    assert "| adaptive-no-curriculum | 1 | not measured | 1.20 (1 seed) | n/a | 30.00 (1 seed) | 20.0 (1 seed) |" in text
+    assert (
+        "| adaptive-no-curriculum | 1 | not measured | 1.20 (1 seed) | n/a | 30.00 (1 seed) | 20.0 (1 seed) |" in text
+    )
     # With a paired step-time ratio of 0.8 [0.75-0.9]: 1.20 x 0.8 = 0.96, interval 1.20 x 0.75 to 1.20 x 0.9.
-    arms = {"adaptive-no-curriculum": {"median": 0.8, "interval": [0.75, 0.9]}, "top2": {"median": 1.0, "interval": [0.98, 1.02]}}
+    arms = {
+        "adaptive-no-curriculum": {"median": 0.8, "interval": [0.75, 0.9]},
+        "top2": {"median": 1.0, "interval": [0.98, 1.02]},
+    }
     (tmp_path / "paired_step.json").write_text(json.dumps({"arms": arms}))
     text = paper_protocol.report({"top2": top2, "adaptive-no-curriculum": [adaptive]}, store)
     assert "| 0.800 [0.750-0.900] | 1.20 (1 seed); **0.96** [0.90-1.08] |" in text
-    assert "without the curriculum at most 0.85x top-2's normalized time: not decided (fewer than 3 seeds measured)" in text
+    assert (
+        "without the curriculum at most 0.85x top-2's normalized time: not decided (fewer than 3 seeds measured)"
+        in text
+    )
 
 
 def test_paired_ratios_time_both_on_the_same_batches_from_fresh_states():
@@ -153,4 +210,7 @@ def test_paired_ratios_time_both_on_the_same_batches_from_fresh_states():
     )
     assert ratios == [0.5, 0.5, 0.5] and len(fresh) == 3
     assert [b for m, b in seen if m == "arm"] == [b for m, b in seen if m == "top2"] == [0, 1, 2] * 3
-    assert [m for m, _ in seen[:2]] == ["arm", "top2"] and [m for m, _ in seen[6:8]] == ["top2", "arm"]  # order alternates
+    assert [m for m, _ in seen[:2]] == ["arm", "top2"] and [m for m, _ in seen[6:8]] == [
+        "top2",
+        "arm",
+    ]  # order alternates

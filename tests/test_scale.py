@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from adamoe.data import DataError, ParallelText, TextLines, text
-from adamoe.data.batching import Plan, pack
+from adamoe.data import ParallelText, TextLines, text
+from adamoe.data.sampler import Plan, pack
 from adamoe.data.tokenizer import EOS_ID, sample
+from adamoe.errors import DataError
 
 
 @pytest.fixture
@@ -46,7 +47,13 @@ def test_parallel_text_streams_in_chunks_and_blames_the_right_line(tmp_path, sma
 def test_text_lines_skip_blank_lines_across_chunks(tmp_path, small_chunks):
     lines = [b"a", b"", b"b c", b" ", b"d", b"e", b"", b"f"]
     write(tmp_path / "t.txt", lines)
-    assert TextLines(str(tmp_path / "t.txt"), str(tmp_path / "t.txt")).load("train")["text"] == ["a", "b c", "d", "e", "f"]
+    assert TextLines(str(tmp_path / "t.txt"), str(tmp_path / "t.txt")).load("train")["text"] == [
+        "a",
+        "b c",
+        "d",
+        "e",
+        "f",
+    ]
 
 
 def greedy(order, lengths, max_tokens, batch_size, ways):
@@ -105,7 +112,14 @@ def test_cache_holds_the_tokens_of_each_sample_with_eos(tmp_path):
     from adamoe.data import SyntheticTranslation, TranslationData
 
     source = SyntheticTranslation(300, 20, 20)
-    dm = TranslationData(source, vocab_size=300, max_tokens=512, cache_dir=str(tmp_path / "cache"), max_source_len=12, too_long="truncate")
+    dm = TranslationData(
+        source,
+        vocab_size=300,
+        max_tokens=512,
+        cache_dir=str(tmp_path / "cache"),
+        max_source_len=12,
+        too_long="truncate",
+    )
     dm.prepare_data()
     dm.setup("fit")
     split, raw = dm.splits["train"], source.load("train")
@@ -123,7 +137,7 @@ def test_cache_holds_the_tokens_of_each_sample_with_eos(tmp_path):
 
 
 def test_epoch_plan_covers_every_sample_once_at_scale():
-    from adamoe.data.batching import ShardedBatchSampler
+    from adamoe.data.sampler import ShardedBatchSampler
 
     lengths = np.random.default_rng(0).integers(2, 60, 200_000)
     s = ShardedBatchSampler(lengths, max_tokens=2048, order="paper", seed=0, num_replicas=2)
@@ -147,7 +161,18 @@ def test_word_by_word_ids_equal_the_tokenizers_own(tmp_path):
     from adamoe.data.tokenizer import train_bpe
 
     texts = generate(400, seed=3)[0] + generate(400, seed=4)[1]
-    texts += ["  zwei  Leerzeichen", " vorne", "hinten ", "Straße Maß", "tab\there", "\ufb01 Ligatur", "\uff21\uff22", "Ä ö", "x  y", "ü"]
+    texts += [
+        "  zwei  Leerzeichen",
+        " vorne",
+        "hinten ",
+        "Straße Maß",
+        "tab\there",
+        "\ufb01 Ligatur",
+        "\uff21\uff22",
+        "Ä ö",
+        "x  y",
+        "ü",
+    ]
     tok = train_bpe(texts[:300], vocab_size=120)  # small: most words split into pieces, some unknown
     got = token_ids(tok, pa.array(texts)).to_pylist()
     assert got == [e.ids for e in tok.encode_batch(texts)]
@@ -172,7 +197,9 @@ def test_preparation_streams_through_a_redrawing_progress_bar(tmp_path, monkeypa
 
     monkeypatch.setattr(datamodule, "tqdm", Bar)
     monkeypatch.setattr(text, "CHUNK_ROWS", 50)
-    dm = TranslationData(SyntheticTranslation(200, 20, 20), vocab_size=300, max_tokens=512, cache_dir=str(tmp_path / "cache"))
+    dm = TranslationData(
+        SyntheticTranslation(200, 20, 20), vocab_size=300, max_tokens=512, cache_dir=str(tmp_path / "cache")
+    )
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.splits["train"]) == 200 and len(dm.splits["test"]) == 20

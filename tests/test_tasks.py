@@ -13,13 +13,26 @@ from adamoe.data import SyntheticSentiment, SyntheticText
 from adamoe.data.batch import collate
 from adamoe.transformer import TransformerConfig
 
-LM_NET = TransformerConfig(d_model=16, n_heads=2, d_ff=32, num_encoder_layers=0, num_decoder_layers=2, num_experts=2, dropout=0.0)
+LM_NET = TransformerConfig(
+    d_model=16, n_heads=2, d_ff=32, num_encoder_layers=0, num_decoder_layers=2, num_experts=2, dropout=0.0
+)
 
 
 @pytest.mark.parametrize("task", ["classification", "causal_lm"])
 def test_task_trains_then_validates_tests_and_predicts_from_the_checkpoint(task, tmp_path):
     cfg = tiny_task_config(tmp_path, task)
-    train("fit", "--config", cfg, "--data.curriculum", "paper", "--trainer.max_epochs", 6, "--trainer.max_steps", -1, cwd=tmp_path)
+    train(
+        "fit",
+        "--config",
+        cfg,
+        "--data.curriculum",
+        "paper",
+        "--trainer.max_epochs",
+        6,
+        "--trainer.max_steps",
+        -1,
+        cwd=tmp_path,
+    )
     logged = scalars(tmp_path / "logs" / task / "version_0")
     losses = [v for _, v in logged["train/loss"]]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
@@ -119,7 +132,8 @@ def test_lm_data_packs_texts_without_dropping_any_token(tmp_path):
 
 
 def test_classification_data_numbers_string_labels_and_checks_them(tmp_path):
-    from adamoe.data import ClassificationData, DataError, TableFiles
+    from adamoe.data import ClassificationData, TableFiles
+    from adamoe.errors import DataError
 
     train = tmp_path / "train.tsv"
     train.write_text("sentence\tlabel\ngood film\tpos\nbad film\tneg\nfine film\tneutral\n")
@@ -131,4 +145,6 @@ def test_classification_data_numbers_string_labels_and_checks_them(tmp_path):
     dm.setup("fit")
     assert dm.splits["train"]["label"] == [2, 0, 1] and dm.splits["val"]["label"] == [2]  # neg, neutral, pos
     with pytest.raises(DataError, match="outside num_classes=2"):
-        ClassificationData(src, num_classes=2, vocab_size=40, max_tokens=256, cache_dir=str(tmp_path / "cache")).setup("fit")
+        ClassificationData(src, num_classes=2, vocab_size=40, max_tokens=256, cache_dir=str(tmp_path / "cache")).setup(
+            "fit"
+        )

@@ -37,7 +37,9 @@ def test_moe_layers_and_routing_order():
     assert model(moe_every=0).moe_layers() == []
 
 
-@pytest.mark.parametrize("gate", [Top1Gate, Top2Gate, lambda d, e: AdaptiveGate(d, e, threshold=0.1)], ids=["top1", "top2", "adaptive"])
+@pytest.mark.parametrize(
+    "gate", [Top1Gate, Top2Gate, lambda d, e: AdaptiveGate(d, e, threshold=0.1)], ids=["top1", "top2", "adaptive"]
+)
 def test_trains_a_few_steps(gate):
     torch.manual_seed(0)
     m = model(gate)
@@ -109,7 +111,9 @@ def exhaustive_best(table: PrefixTable, max_len: int, length_penalty: float) -> 
     non-pad tokens as beam search does."""
     import itertools
 
-    candidates = {seq[: seq.index(EOS) + 1] if EOS in seq else seq for seq in itertools.product(range(table.V), repeat=max_len)}
+    candidates = {
+        seq[: seq.index(EOS) + 1] if EOS in seq else seq for seq in itertools.product(range(table.V), repeat=max_len)
+    }
     best, best_score = None, float("-inf")
     for seq in candidates:
         logp = sum(table.logp((BOS, *seq[:t]))[tok].item() for t, tok in enumerate(seq))
@@ -133,9 +137,9 @@ def test_beam_search_wide_enough_equals_exhaustive_search(length_penalty, monkey
         expected = exhaustive_best(table, L, length_penalty)
         early += EOS in expected[:-1]
         with torch.no_grad():
-            got = m.generate(torch.tensor([[3, 4, 2]]), BOS, EOS, L, beam_size=V**L, length_penalty=length_penalty, use_cache=False)[
-                0
-            ].tolist()
+            got = m.generate(
+                torch.tensor([[3, 4, 2]]), BOS, EOS, L, beam_size=V**L, length_penalty=length_penalty, use_cache=False
+            )[0].tolist()
         assert got + [PAD] * (L - len(got)) == expected, f"seed {seed}"
     if length_penalty == 0.0:
         assert early  # unnormalized scores favour short sequences: finished beams were picked
@@ -151,7 +155,9 @@ def test_sampled_continuation_follows_the_tempered_top_k_distribution(temperatur
     n = 4000
     with torch.no_grad():
         logits = m.decode(prompt)[0][0, -1].double()
-        got = m.continue_text(prompt.repeat(n, 1), EOS, 1, temperature, top_k, generator=torch.Generator().manual_seed(1))[:, 0]
+        got = m.continue_text(
+            prompt.repeat(n, 1), EOS, 1, temperature, top_k, generator=torch.Generator().manual_seed(1)
+        )[:, 0]
     allowed = logits.topk(top_k).indices if top_k else torch.arange(8)
     p = torch.zeros(8, dtype=torch.float64)
     p[allowed] = (logits[allowed] / temperature).softmax(-1)

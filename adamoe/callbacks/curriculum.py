@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import Callback
 
 from adamoe.data.batch import token_counts
-from adamoe.data.batching import Plan, spearman
+from adamoe.data.sampler import Plan, spearman
 
 
 class Curriculum(Callback):
@@ -25,10 +25,14 @@ class Curriculum(Callback):
         self.loads = []
         # Ranks that disagree on the order would silently train on overlapping shards.
         plan = trainer.datamodule.train_sampler.global_batches()
-        checksum = torch.tensor([float(zlib.crc32(memoryview(np.ascontiguousarray(plan.order))))])  # no copy of the order
+        checksum = torch.tensor(
+            [float(zlib.crc32(memoryview(np.ascontiguousarray(plan.order))))]
+        )  # no copy of the order
         sums = trainer.strategy.all_gather(checksum.to(trainer.strategy.root_device)).reshape(-1)
         if not torch.all(sums == sums[0]):
-            raise RuntimeError(f"ranks computed different batch orders for epoch {trainer.current_epoch}: checksums {sums.tolist()}")
+            raise RuntimeError(
+                f"ranks computed different batch orders for epoch {trainer.current_epoch}: checksums {sums.tolist()}"
+            )
 
     on_fit_start = on_train_epoch_start  # a run resumed mid-epoch starts no epoch
 
@@ -68,7 +72,9 @@ class Curriculum(Callback):
             E = loads_ILE.shape[-1]
             groups = min(self.ep_ranks, E)
             if E % groups == 0:
-                metrics["curriculum/ep_cost"] = float(loads_ILE.view(*loads_ILE.shape[:2], groups, -1).sum(-1).amax(-1).sum())
+                metrics["curriculum/ep_cost"] = float(
+                    loads_ILE.view(*loads_ILE.shape[:2], groups, -1).sum(-1).amax(-1).sum()
+                )
                 # With this, groups x ep_cost / ep_assignments is the imbalance factor (1 = even).
                 metrics["curriculum/ep_assignments"] = float(loads_ILE.sum())
         if summed is not None:
@@ -79,7 +85,9 @@ class Curriculum(Callback):
             metrics["curriculum/spearman"] = spearman(torch.arange(order.numel())[seen].double(), share_N[order][seen])
             metrics["curriculum/within_batch_std"] = _mean_std(share_N.numpy(), plan)
             g = torch.Generator().manual_seed(sampler.seed + sampler.epoch)
-            shuffled = Plan(plan.order[torch.randperm(len(plan.order), generator=g).numpy()], plan.bounds)  # same batch sizes
+            shuffled = Plan(
+                plan.order[torch.randperm(len(plan.order), generator=g).numpy()], plan.bounds
+            )  # same batch sizes
             metrics["curriculum/within_batch_std_random"] = _mean_std(share_N.numpy(), shuffled)
         if metrics and trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)

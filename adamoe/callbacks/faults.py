@@ -1,6 +1,5 @@
-"""Surviving faults: non-finite steps kept out of the weights, random streams that resume."""
+"""Surviving faults: non-finite steps kept out of the weights."""
 
-import random
 from typing import Literal
 
 import torch
@@ -31,7 +30,7 @@ class NonFiniteGuard(Callback):
         flags = [] if self.bad_loss is None else [self.bad_loss]
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if grads and getattr(trainer.precision_plugin, "scaler", None) is None:
-            flags.append(~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+            flags.append(~torch.isfinite(torch.nn.utils.get_total_norm(grads)))
         bad = torch.stack(flags).any().float() if flags else torch.zeros((), device=trainer.strategy.root_device)
         bad_ranks = int(trainer.strategy.reduce(bad, reduce_op="sum"))  # the one host sync this guard costs
         if not bad_ranks:
@@ -43,7 +42,8 @@ class NonFiniteGuard(Callback):
             optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the optimizer
             pl_module.log("train/skipped_steps", float(self.skipped), reduce_fx="max", batch_size=1)
             rank_zero_warn(
-                f"step {trainer.global_step}: non-finite loss or gradient on {bad_ranks} rank(s), step skipped ({self.skipped} so far)"
+                f"step {trainer.global_step}: non-finite loss or gradient on {bad_ranks} rank(s), step skipped "
+                f"({self.skipped} so far)"
             )
             return
         raise TrainingError(self._message(trainer, pl_module))
@@ -55,7 +55,9 @@ class NonFiniteGuard(Callback):
             # whose forward pass went non-finite is the one to name.
             found = [None] * trainer.world_size
             torch.distributed.all_gather_object(found, (what, self.bad_loss is not None and bool(self.bad_loss)))
-            culprits = [r for r, (w, loss_bad) in enumerate(found) if loss_bad or w.startswith("first")] or [trainer.global_rank]
+            culprits = [r for r, (w, loss_bad) in enumerate(found) if loss_bad or w.startswith("first")] or [
+                trainer.global_rank
+            ]
             what = f"on rank {culprits[0]}: {found[culprits[0]][0]}"
         ckpt = trainer.checkpoint_callback
         last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
@@ -80,7 +82,11 @@ def diagnose(pl_module, batch) -> str:
     first = []
 
     def hook(module, args, output):
-        tensors = [t for t in (output if isinstance(output, tuple) else (output,)) if torch.is_tensor(t) and t.is_floating_point()]
+        tensors = [
+            t
+            for t in (output if isinstance(output, tuple) else (output,))
+            if torch.is_tensor(t) and t.is_floating_point()
+        ]
         if not first and any(not torch.isfinite(t).all() for t in tensors):
             first.append(module)
 
@@ -102,42 +108,3 @@ def diagnose(pl_module, batch) -> str:
         return "the task loss is not finite"
     grads = [n for n, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     return f"the gradient of {grads[0]} is not finite" if grads else "the forward pass is finite when rerun (dropout?)"
-
-
-class RandomState(Callback):
-    """Saves every rank's random streams (torch, CUDA, Python's `random`) in checkpoints and
-    restores them just before the first training batch of a resumed run, so that dropout
-    draws the same masks as the run that was never stopped. With another number of ranks
-    the streams cannot match; the run goes on and says so."""
-
-    def state_dict(self):
-        trainer = self._trainer
-        state = torch.cat([torch.get_rng_state(), torch.tensor(random.getstate()[1], dtype=torch.int64).view(torch.uint8)])
-        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
-            state = torch.cat([state, torch.cuda.get_rng_state(trainer.strategy.root_device)])
-        gathered = trainer.strategy.all_gather(state.to(trainer.strategy.root_device))
-        return {"per_rank": gathered.reshape(trainer.world_size, -1).cpu(), "python_version": random.getstate()[0]}
-
-    def setup(self, trainer, pl_module, stage):
-        self._trainer = trainer
-        self._pending = None
-
-    def load_state_dict(self, state):
-        self._pending = state
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        state, self._pending = self._pending, None
-        if state is None:
-            return
-        if state["per_rank"].shape[0] != trainer.world_size:
-            rank_zero_warn(
-                f"checkpoint saved with {state['per_rank'].shape[0]} ranks, resumed with {trainer.world_size}: random streams start anew"
-            )
-            return
-        row = state["per_rank"][trainer.global_rank]
-        n_torch = torch.get_rng_state().numel()
-        n_py = 625 * 8  # Mersenne Twister: 624 words and a position, saved as int64 bytes
-        torch.set_rng_state(row[:n_torch].clone())
-        random.setstate((state["python_version"], tuple(row[n_torch : n_torch + n_py].view(torch.int64).tolist()), None))
-        if row.numel() > n_torch + n_py:
-            torch.cuda.set_rng_state(row[n_torch + n_py :].clone(), trainer.strategy.root_device)

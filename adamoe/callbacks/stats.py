@@ -7,21 +7,33 @@ from torch import Tensor
 
 from adamoe.data.batch import token_counts
 from adamoe.gates import Routing
+from adamoe.parallel import expert_group
 
 # Columns of a layer's count row; expert loads follow.
 TOKENS, TWO_EXPERT, ASSIGNMENTS, DROPPED, ENTROPY, AUX, STEPS, EP_RECEIVED, EP_BYTES = range(9)
 FIELDS = 9
 
 
-def routing_counts(routings: list[Routing]) -> Tensor:
-    """One float64 row per MoE layer: counts that add up over steps and ranks."""
+def routing_counts(routings: list[Routing], dispatchers: list | None = None) -> Tensor:
+    """One float64 row per MoE layer: counts that add up over steps and ranks. The
+    dispatchers (one a layer, as last called) give what crossed between ranks."""
     rows = []
-    for r in routings:
+    for r, d in zip(routings, dispatchers or [None] * len(routings)):
         # Host numbers, copied from pinned memory without waiting: a copy from pageable
         # memory to a GPU waits for everything queued before it.
         device = r.expert_load_E.device
         head = torch.tensor(
-            [r.num_tokens, 0, r.token_index_N.numel(), r.dropped, 0, 0, 1, r.ep_received, r.ep_bytes],
+            [
+                r.num_tokens,
+                0,
+                r.token_index_N.numel(),
+                r.dropped,
+                0,
+                0,
+                1,
+                d.received if d else 0,
+                d.sent_bytes if d else 0,
+            ],
             dtype=torch.float64,
             pin_memory=device.type == "cuda",
         ).to(device, non_blocking=True)
@@ -72,7 +84,8 @@ class ExpertStats(Callback):
         self.batches = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        counts = routing_counts(pl_module.train_routings) if pl_module.train_routings else None
+        dispatchers = [layer.dispatcher for layer in pl_module.net.moe_layers()]
+        counts = routing_counts(pl_module.train_routings, dispatchers) if pl_module.train_routings else None
         tokens = torch.stack([t.sum() for t in token_counts(batch)]).double()
         self.step_counts = counts if self.step_counts is None else self.step_counts + counts
         self.epoch_counts = counts if self.epoch_counts is None else self.epoch_counts + counts
@@ -101,7 +114,7 @@ class ExpertStats(Callback):
         # Every rank reduces, also those with nothing to say: the collectives must match.
         # Reductions may work in place, and the step and epoch sums can share a tensor: copy.
         tokens = trainer.strategy.reduce(tokens.clone(), reduce_op="sum")
-        ep = counts is not None and any(layer.ep_group is not None for layer in model.moe_layers())
+        ep = counts is not None and expert_group(model) is not None
         if ep:
             steps = counts[0, STEPS].clamp_min(1)
             received_WL = trainer.strategy.all_gather(counts[:, EP_RECEIVED] / steps).reshape(-1, counts.shape[0])
@@ -123,7 +136,9 @@ class ExpertStats(Callback):
             experiment = getattr(trainer.logger, "experiment", None)
             if counts is not None and hasattr(experiment, "add_histogram"):
                 for i, name in enumerate(model.moe_layer_names):
-                    experiment.add_histogram(f"experts/{name}/tokens_per_expert{suffix}", counts[i, FIELDS:].cpu(), trainer.global_step)
+                    experiment.add_histogram(
+                        f"experts/{name}/tokens_per_expert{suffix}", counts[i, FIELDS:].cpu(), trainer.global_step
+                    )
         return counts
 
     def _heatmap(self, trainer, names, counts):
@@ -139,7 +154,9 @@ class ExpertStats(Callback):
         share = (load / load.sum(1, keepdim=True).clamp_min(1)).numpy()
         E = load.shape[1]
         fig, ax = plt.subplots(figsize=(max(5, 1.5 + 0.6 * E), max(3, 1 + 0.45 * len(names))), layout="constrained")
-        im = ax.imshow(share, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1 / E, vmin=0, vmax=max(2 / E, share.max())), aspect="auto")
+        im = ax.imshow(
+            share, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1 / E, vmin=0, vmax=max(2 / E, share.max())), aspect="auto"
+        )
         for (row, col), value in np.ndenumerate(share):
             ax.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
         ax.set(xticks=range(E), xticklabels=[str(e) for e in range(E)], yticks=range(len(names)), yticklabels=names)

@@ -5,7 +5,7 @@ import time
 import torch
 from lightning.pytorch import Callback
 
-from adamoe.callbacks.run import update_metrics_json
+from adamoe.callbacks.summary import update_metrics_json
 from adamoe.data.batch import token_counts
 from adamoe.errors import ConfigError
 
@@ -31,7 +31,9 @@ class EpochTimer(Callback):
     measure of training time). Each validation adds a point to `curve`, from which
     `time_to_target` reads any other target afterwards. See the README's "Watching a run"."""
 
-    def __init__(self, target: float | None = None, monitor: str = "val/loss", mode: str = "min", stop_at_target: bool = False):
+    def __init__(
+        self, target: float | None = None, monitor: str = "val/loss", mode: str = "min", stop_at_target: bool = False
+    ):
         if mode not in ("min", "max"):
             raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
         if stop_at_target and target is None:
@@ -76,7 +78,12 @@ class EpochTimer(Callback):
         if value is None:
             return
         self.curve.append(
-            {"step": trainer.global_step, "wall_s": self.val_start - self.fit_start, "train_s": train_s, "value": float(value)}
+            {
+                "step": trainer.global_step,
+                "wall_s": self.val_start - self.fit_start,
+                "train_s": train_s,
+                "value": float(value),
+            }
         )
         if self.target is None or self.reached is not None:
             return
@@ -119,8 +126,13 @@ class EpochTimer(Callback):
                 log_dir,
                 {
                     "epochs": self.epochs,
-                    "tokens_per_s": sum(e["tokens"] for e in self.epochs) / max(1e-9, sum(e["max_s"] for e in self.epochs)),
-                    "time_to_target": {"target": self.target, "monitor": self.monitor, **(self.reached or {"seconds": None})},
+                    "tokens_per_s": sum(e["tokens"] for e in self.epochs)
+                    / max(1e-9, sum(e["max_s"] for e in self.epochs)),
+                    "time_to_target": {
+                        "target": self.target,
+                        "monitor": self.monitor,
+                        **(self.reached or {"seconds": None}),
+                    },
                     "curve": self.curve,
                 },
             )

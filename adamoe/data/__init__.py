@@ -1,20 +1,31 @@
 from adamoe.data.batch import Batch, collate
 from adamoe.data.datamodule import TextData
+from adamoe.data.modules import ClassificationData, LanguageModelData, TranslationData
 from adamoe.data.sources import (
-    DataError,
     DataSource,
     Generated,
-    HubDataset,
     ParallelText,
     SyntheticSentiment,
     SyntheticText,
     SyntheticTranslation,
-    TableFiles,
     TextLines,
 )
-from adamoe.data.tasks import ClassificationData, LanguageModelData, TranslationData
+from adamoe.data.tables import HubDataset, TableFiles
 
 __all__ = [
-    "Batch", "ClassificationData", "DataError", "DataSource", "Generated", "HubDataset", "LanguageModelData", "ParallelText",
-    "SyntheticSentiment", "SyntheticText", "SyntheticTranslation", "TableFiles", "TextData", "TextLines", "TranslationData", "collate",
-]  # fmt: skip
+    "Batch",
+    "ClassificationData",
+    "DataSource",
+    "Generated",
+    "HubDataset",
+    "LanguageModelData",
+    "ParallelText",
+    "SyntheticSentiment",
+    "SyntheticText",
+    "SyntheticTranslation",
+    "TableFiles",
+    "TextData",
+    "TextLines",
+    "TranslationData",
+    "collate",
+]

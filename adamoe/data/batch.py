@@ -31,7 +31,9 @@ class Batch(TypedDict, total=False):
 
 def _pad(rows: list[Sequence], value: int = PAD_ID) -> Tensor:
     first = torch.as_tensor(rows[0])
-    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long if not first.is_floating_point() else first.dtype)
+    out = torch.full(
+        (len(rows), max(map(len, rows))), value, dtype=torch.long if not first.is_floating_point() else first.dtype
+    )
     for i, ids in enumerate(rows):
         out[i, : len(ids)] = torch.as_tensor(ids)
     return out

@@ -63,7 +63,9 @@ def _entry(path: Path) -> dict:
 
 def write_manifest(folder: Path, tokenizer: Path):
     files = {p.name: _entry(p) for p in sorted(folder.glob("*.arrow"))}
-    (folder / MANIFEST).write_text(json.dumps({"files": files, "tokenizer": {"name": tokenizer.name, **_entry(tokenizer)}}, indent=1))
+    (folder / MANIFEST).write_text(
+        json.dumps({"files": files, "tokenizer": {"name": tokenizer.name, **_entry(tokenizer)}}, indent=1)
+    )
     _mark_checked(folder, [*(folder / n for n in files), tokenizer])
 
 
@@ -77,7 +79,9 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _mark_checked(folder: Path, paths: list[Path]):
-    _marker(folder).write_text(json.dumps({p.name: _stamp(p) for p in paths}))  # names: the folder is renamed into place
+    _marker(folder).write_text(
+        json.dumps({p.name: _stamp(p) for p in paths})
+    )  # names: the folder is renamed into place
 
 
 def verified(folder: Path, tokenizer: Path, full: bool = False) -> bool:

@@ -1,41 +1,31 @@
-"""LightningDataModules for text tasks: read, check, tokenize, cache, batch.
+"""LightningDataModules for text tasks: read, check, tokenize, cache (`adamoe.data.prepare`),
+then batch.
 
 One base, `TextData`, does the work; a task declares which columns it tokenizes into
 which side of the batch (`COLUMNS`) and which it passes through as they are (`KEEP`)."""
 
-import os
-import time
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from adamoe.data import cache, store
+from adamoe.data import store
 from adamoe.data import tokenizer as bpe
 from adamoe.data.batch import collate
-from adamoe.data.batching import ShardedBatchSampler
-from adamoe.data.sources import SPLITS, DataError, DataSource, digest
-from adamoe.errors import ConfigError
-
-# Part of every cache key: raise it whenever a change to the preprocessing code changes
-# the tokenized result, so that no cache made by older code is read.
-CACHE_VERSION = "5"
-# More <unk> than this in the tokenized training split means the vocabulary cannot cover the data.
-UNK_LIMIT = 0.05
+from adamoe.data.prepare import Preparation
+from adamoe.data.sampler import ShardedBatchSampler
+from adamoe.data.sources import SPLITS, DataSource
+from adamoe.errors import ConfigError, DataError
 
 
-class TextData(LightningDataModule):
-    """Text from any `DataSource`, one joint BPE vocabulary, token-budget batches of
-    `adamoe.data.batch.Batch`. The README's "Training on your own data" and "Curriculum"
-    say more of what the settings do.
+class TextData(Preparation, LightningDataModule):
+    """Text from any `DataSource`, one joint BPE vocabulary, token-budget batches of `Batch`;
+    the README's "Training on your own data" and "Curriculum" say more of the settings.
 
     Args:
         source: where the text comes from (ParallelText, TextLines, TableFiles, HubDataset, ...)
@@ -82,13 +72,17 @@ class TextData(LightningDataModule):
     ):
         super().__init__()
         if vocab_size <= len(bpe.SPECIALS):
-            raise ConfigError(f"vocab_size={vocab_size} leaves no room beside the {len(bpe.SPECIALS)} special tokens {bpe.SPECIALS}")
+            raise ConfigError(
+                f"vocab_size={vocab_size} leaves no room beside the {len(bpe.SPECIALS)} special tokens {bpe.SPECIALS}"
+            )
         if bpe_sample is not None and bpe_sample < 1:
             raise ConfigError(f"bpe_sample must be a positive number of texts or null (all of them), got {bpe_sample}")
         if batch_size is not None and batch_size < 1 or max_tokens is not None and max_tokens < 1:
             raise ConfigError(f"batch_size and max_tokens must be positive or null, got {batch_size} and {max_tokens}")
         if max_tokens is not None and max_tokens < max(max_source_len, max_target_len):
-            raise ConfigError(f"max_tokens={max_tokens} cannot hold one sequence of max length {max(max_source_len, max_target_len)}")
+            raise ConfigError(
+                f"max_tokens={max_tokens} cannot hold one sequence of max length {max(max_source_len, max_target_len)}"
+            )
         self.source = source
         self.vocab_size = vocab_size
         self.max_tokens, self.batch_size = max_tokens, batch_size
@@ -108,112 +102,28 @@ class TextData(LightningDataModule):
     # Ids fixed by the tokenizer's special tokens; the CLI links them into the model.
     pad_id, bos_id, eos_id = bpe.PAD_ID, bpe.BOS_ID, bpe.EOS_ID
 
-    def cache_key(self) -> list[str]:
-        """Everything that decides the tokenized splits: the preprocessing code's version, this
-        task's class and columns, and the source (its class, settings and files). A task
-        whose settings change the cached data adds them here."""
-        return [
-            CACHE_VERSION,
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            repr(self.COLUMNS),
-            repr(self.KEEP),
-            self.source.fingerprint(),
-        ]
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.cache_dir / "tokenizers" / f"bpe-{digest([*self.cache_key(), str(self.vocab_size), str(self.bpe_sample)])}.json"
-
-    @property
-    def dataset_dir(self) -> Path:
-        return self.cache_dir / "datasets" / digest([self.tokenizer_path.name, *self.cache_key()])
-
-    def prepare_data(self):
-        """Rank 0 only: read and check the data, train the tokenizer, tokenize, cache. The
-        corpus streams through a chunk at a time. Runs that share a cache take turns: the
-        second waits for the first and reuses its cache."""
-        self.dataset_dir.parent.mkdir(parents=True, exist_ok=True)
-        with cache.lock(self.dataset_dir):
-            if cache.verified(self.dataset_dir, self.tokenizer_path, full=self.verify_cache):
-                rank_zero_info(f"Reusing cached dataset {self.dataset_dir} and tokenizer {self.tokenizer_path}")
-                return
-            self._build()
-
-    def _build(self):
-        if self.source.chunks("train") is None or self.source.chunks("val") is None:
-            raise DataError(f"{type(self.source).__name__}: the data source needs a train and a val split")
-        for split in SPLITS:  # an empty or missing split fails here, not after tokenizing the others
-            if self.source.chunks(split) is not None:
-                next(iter(self._chunks(split)), None)
-        self.scan_train(self._chunks("train"))
-        started = time.perf_counter()
-        tok, cached = bpe.load_or_train(self.tokenizer_path, self._bpe_texts(), self.vocab_size)
-        took = "" if cached else f" in {time.perf_counter() - started:.0f} s"
-        rank_zero_info(f"{'Reusing' if cached else 'Trained'} BPE tokenizer {self.tokenizer_path} ({tok.get_vocab_size()} tokens){took}")
-        # Built aside and renamed into place: a killed run leaves no half cache to be read.
-        cache.remove_orphans(self.dataset_dir)
-        staging = self.dataset_dir.with_name(f".{self.dataset_dir.name}.{os.getpid()}.tmp")
-        staging.mkdir(parents=True)
-        self.tokenizer = tok  # for `tokenized`
-        for split in SPLITS:
-            if self.source.chunks(split) is not None:
-                started, bar = (
-                    time.perf_counter(),
-                    tqdm(desc=f"Tokenizing {split}", unit=" samples", unit_scale=True, leave=False, disable=None),
-                )
-                tables = (
-                    self.tokenized(store.encode(tok, self.prepare_columns(c, split), self.COLUMNS, self.KEEP), split)
-                    for c in self._chunks(split)
-                )
-                rows = store.write(staging / f"{split}.arrow", _counted(tables, bar))
-                bar.close()
-                rank_zero_info(f"Tokenized {split}: {rows:,} samples in {time.perf_counter() - started:.0f} s")
-                if split == "train":
-                    self._check_vocabulary(staging / "train.arrow")
-        cache.write_manifest(staging, self.tokenizer_path)
-        staging.rename(self.dataset_dir)
-
-    def _check_vocabulary(self, path: Path):
-        """A vocabulary learned from too little text maps most words to <unk>: training on that is training on noise."""
-        table = store.Split.open(path, self.COLUMNS.values()).table
-        ids = pa.concat_arrays([c.flatten() for side in set(self.COLUMNS.values()) for c in table.column(side).chunks])
-        share = pc.mean(pc.equal(ids, bpe.UNK_ID)).as_py() or 0.0
-        if share > UNK_LIMIT:
-            raise ConfigError(
-                f"{share:.0%} of the training tokens are <unk>: the vocabulary (bpe_sample={self.bpe_sample}) is learned from too "
-                "little text; raise bpe_sample or set it to null"
-            )
-
-    def _chunks(self, split: str):
-        for chunk in self.source.chunks(split):
-            missing = [c for c in dict.fromkeys([*self.COLUMNS, *self.KEEP]) if c not in chunk.column_names]
-            if missing:
-                raise DataError(
-                    f"{type(self.source).__name__} {split}: no column {missing} for {type(self).__name__}; it has {chunk.column_names}"
-                )
-            yield chunk
-
-    def _bpe_texts(self):
-        """The training split's text to learn BPE from: all of it, or a uniform sample of
-        `bpe_sample` texts, so that a large corpus is not counted whole."""
-        texts = ([t for col in self.COLUMNS for t in chunk.column(col).to_pylist()] for chunk in self._chunks("train"))
-        return (t for part in texts for t in part) if self.bpe_sample is None else bpe.sample(texts, self.bpe_sample, self.seed)
-
     def setup(self, stage: str | None = None):
         """Every rank: memory-map the cached splits and apply the length limits."""
         try:
             self.tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
         except Exception as e:  # the tokenizers library raises its own exception type
-            raise DataError(f"{self.tokenizer_path}: cannot read the tokenizer ({e}); run again to rebuild the cache") from None
+            raise DataError(
+                f"{self.tokenizer_path}: cannot read the tokenizer ({e}); run again to rebuild the cache"
+            ) from None
         if self.tokenizer.get_vocab_size() > self.vocab_size:
-            raise DataError(f"{self.tokenizer_path}: {self.tokenizer.get_vocab_size()} tokens, more than vocab_size={self.vocab_size}")
+            raise DataError(
+                f"{self.tokenizer_path}: {self.tokenizer.get_vocab_size()} tokens, more than "
+                f"vocab_size={self.vocab_size}"
+            )
         for split in SPLITS:
             path = self.dataset_dir / f"{split}.arrow"
             if split not in self.splits and path.exists():
                 try:
                     opened = store.Split.open(path, self.COLUMNS.values())
                 except (pa.ArrowInvalid, OSError) as e:
-                    raise DataError(f"{path}: cannot read the cached split ({e}); run again to rebuild the cache") from None
+                    raise DataError(
+                        f"{path}: cannot read the cached split ({e}); run again to rebuild the cache"
+                    ) from None
                 self.splits[split] = store.limit_lengths(opened, split, self.max_len, self.too_long, self._locate)
         if stage == "predict" and self.predict_file and "predict" not in self.splits:
             column, side = next(iter(self.COLUMNS.items()))  # the input: a source sentence, a text, a prompt
@@ -223,20 +133,6 @@ class TextData(LightningDataModule):
         if self.train_sampler is None:
             order = {"none": "length"}.get(self.curriculum, self.curriculum)
             self.train_sampler = self._sampler("train", order, self.curriculum_pool)
-
-    def scan_train(self, chunks):
-        """A task that needs a look at the whole training split before tokenizing (e.g. its
-        label names) takes it here, a chunk at a time."""
-
-    def prepare_columns(self, chunk: pa.Table, split: str) -> pa.Table:
-        """Task-specific conversion of a raw chunk before tokenizing."""
-        return chunk
-
-    def tokenized(self, table: pa.Table, split: str) -> pa.Table:
-        """Task-specific conversion of a tokenized chunk, with `self.tokenizer` at hand: for
-        columns that follow the tokens, such as word labels turned into token labels
-        (`adamoe.data.tokenizer.align_labels`)."""
-        return table
 
     def state_dict(self):
         return {"train_sampler": self.train_sampler.state_dict()} if self.train_sampler else {}
@@ -265,7 +161,9 @@ class TextData(LightningDataModule):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         lengths = np.maximum.reduce(list(ds.lengths.values()))
         shuffle = self.shuffle_batches and split == "train"
-        return ShardedBatchSampler(lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank, pool, shuffle)
+        return ShardedBatchSampler(
+            lengths, self.max_tokens, self.batch_size, order, self.seed, world, rank, pool, shuffle
+        )
 
     def _loader(self, split: str, sampler: ShardedBatchSampler) -> DataLoader:
         ds = self.splits[split]
@@ -287,7 +185,8 @@ class TextData(LightningDataModule):
         if self.trainer is not None:
             if self.trainer.reload_dataloaders_every_n_epochs != 1:
                 raise ConfigError(
-                    f"{type(self).__name__} needs trainer.reload_dataloaders_every_n_epochs=1: the number of batches changes "
+                    f"{type(self).__name__} needs trainer.reload_dataloaders_every_n_epochs=1: the number of batches "
+                    "changes "
                     "from epoch to epoch with the order, and Lightning counts them once per loader"
                 )
             self.train_sampler.set_epoch(self.trainer.current_epoch)
@@ -304,9 +203,3 @@ class TextData(LightningDataModule):
     def predict_dataloader(self):
         split = "predict" if self.predict_file else self.predict_split
         return self._loader(split, self._sampler(split, "sorted"))
-
-
-def _counted(tables, bar):
-    for table in tables:
-        bar.update(len(table))
-        yield table

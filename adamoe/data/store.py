@@ -8,7 +8,7 @@ Arrow offsets, so loading a cached split reads no token; a batch gathers its row
 import mmap
 import os
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +38,16 @@ def token_ids(tokenizer: Tokenizer, texts: pa.Array) -> pa.ListArray:
     stitched together with array operations; a test checks the result against the
     tokenizer's own. Other texts go through the tokenizer whole.
     """
-    spaced = pc.or_(pc.match_substring(texts, "  "), pc.match_substring_regex(texts, "^ | $")).to_numpy(zero_copy_only=False)
+    spaced = pc.or_(pc.match_substring(texts, "  "), pc.match_substring_regex(texts, "^ | $")).to_numpy(
+        zero_copy_only=False
+    )
     normal = np.fromiter((unicodedata.is_normalized("NFKC", t) for t in texts.to_pylist()), bool, len(texts))
     plain = normal & ~spaced
     if not plain.all():
         other = np.flatnonzero(~plain)
-        slow = pa.array([e.ids for e in tokenizer.encode_batch_fast(texts.take(pa.array(other)).to_pylist())], pa.list_(pa.int32()))
+        slow = pa.array(
+            [e.ids for e in tokenizer.encode_batch_fast(texts.take(pa.array(other)).to_pylist())], pa.list_(pa.int32())
+        )
         fast = token_ids(tokenizer, texts.filter(pa.array(plain))) if plain.any() else slow[:0]
         back = np.argsort(np.concatenate([np.flatnonzero(plain), other]), kind="stable")
         return pa.concat_arrays([fast, slow]).take(pa.array(back))
@@ -74,11 +78,13 @@ def limit_lengths(ds: "Split", split: str, max_len: dict[str, int], too_long: st
         if not long.size:
             continue
         kind = "source" if side == "src" else "target"
-        what = f"{split}: {long.size} of {len(ds)} samples ({long.size / len(ds):.2%}) have a {kind} longer than {limit} tokens"
+        share = f"{long.size} of {len(ds)} samples ({long.size / len(ds):.2%})"
+        what = f"{split}: {share} have a {kind} longer than {limit} tokens"
         if too_long == "error":
             first = int(long[0] if ds.rows is None else ds.rows[long[0]])
             raise DataError(
-                f"{locate(split, first, side)}: {what} (this is the first). Raise the limit, or set too_long to 'filter' or 'truncate'"
+                f"{locate(split, first, side)}: {what} (this is the first). Raise the limit, or set too_long to "
+                "'filter' or 'truncate'"
             )
         rank_zero_info(f"{what}: {'filtered out' if too_long == 'filter' else 'truncated'}")
         if too_long == "filter":
@@ -97,7 +103,8 @@ def read_inputs(path: Path, tokenizer: Tokenizer, column: str, side: str, limit:
     long = np.flatnonzero(split.lengths[side] > limit)
     if long.size and not truncate:
         raise DataError(
-            f"{path}:{long[0] + 1}: {long.size} of {len(split)} lines are longer than {limit} tokens (this is the first); "
+            f"{path}:{long[0] + 1}: {long.size} of {len(split)} lines are longer than {limit} tokens (this is the "
+            "first); "
             "raise the limit or set too_long to 'truncate' (a prediction is made for every line)"
         )
     if long.size:
@@ -105,18 +112,27 @@ def read_inputs(path: Path, tokenizer: Tokenizer, column: str, side: str, limit:
     return split
 
 
-def write(path: Path, tables: Iterable[pa.Table]) -> int:
-    """Stream `tables` into one Arrow file; returns the rows written."""
+def write(path: Path, tables: Iterable[pa.Table], progress: Callable[[int], object] | None = None) -> int:
+    """Stream `tables` into one Arrow file, telling `progress` the rows of each; returns the rows written."""
     writer, rows = None, 0
     try:
         for table in tables:
             writer = writer or pa.ipc.new_file(str(path), table.schema)
             writer.write_table(table)
             rows += table.num_rows
+            if progress is not None:
+                progress(table.num_rows)
     finally:
         if writer is not None:
             writer.close()
     return rows
+
+
+def token_share(path: Path, sides, token_id: int) -> float:
+    """The share of the tokens of `sides` in a written split that are `token_id`."""
+    table = Split.open(path, sides).table
+    ids = pa.concat_arrays([c.flatten() for side in sides for c in table.column(side).chunks])
+    return pc.mean(pc.equal(ids, token_id)).as_py() or 0.0
 
 
 def _lengths(column: pa.ChunkedArray) -> np.ndarray:

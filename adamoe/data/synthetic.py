@@ -34,7 +34,9 @@ class Lexicon:
         def pairs(n, syllables):
             return [(word(syllables), word(syllables, "hjklmnpqrstwy")) for _ in range(n)]
 
-        self.nouns = [(s, t, rng.randrange(3), rng.random() < 0.5) for s, t in pairs(nouns, 2)]  # (src, tgt, gender, animate)
+        self.nouns = [
+            (s, t, rng.randrange(3), rng.random() < 0.5) for s, t in pairs(nouns, 2)
+        ]  # (src, tgt, gender, animate)
         self.verbs = pairs(verbs, 2)
         # A polysemous verb translates to its own word with living objects, to another otherwise.
         self.other_sense = {s: word(3, "hjklmnpqrstwy") for s, _ in self.verbs[:polysemous]}

@@ -47,7 +47,9 @@ def line_chunks(path: Path) -> Iterator[pa.Array]:
             if first == 1 and not lines and not tail:
                 block = block.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not text
                 if b"\r" in block and b"\n" not in block:
-                    raise DataError(f"{path}: lines end in a carriage return alone (old Mac line endings); convert them to \\n")
+                    raise DataError(
+                        f"{path}: lines end in a carriage return alone (old Mac line endings); convert them to \\n"
+                    )
             *done, tail = (tail + block).split(b"\n")
             lines += done
             while len(lines) >= rows:

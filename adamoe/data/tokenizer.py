@@ -22,7 +22,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     tok.decoder = decoders.Metaspace(replacement=WORD_START)
     # Every sequence ends in </s>, added where the ids are made instead of by copying them.
     tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, EOS_ID)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer)
     if tok.get_vocab_size() > vocab_size:
         raise ConfigError(f"BPE produced {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}")

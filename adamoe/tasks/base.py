@@ -158,7 +158,9 @@ class MoEModule(LightningModule):
         # first validation. compute() sums every metric's state over the ranks, so every rank
         # logs the same values: sync_dist then averages equal numbers.
         if self._trainer is None or not self.trainer.sanity_checking:
-            self.log_dict({f"{stage}/{name}": m.compute() for name, m in metrics.items()}, prog_bar=True, sync_dist=True)
+            self.log_dict(
+                {f"{stage}/{name}": m.compute() for name, m in metrics.items()}, prog_bar=True, sync_dist=True
+            )
         for m in metrics.values():
             m.reset()
 
@@ -200,24 +202,38 @@ class MoEModule(LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         scheduler = self.lr_schedulers()
-        if isinstance(scheduler, RunSchedule) and scheduler.run_length and self.global_step == schedulers.ESTIMATE_AFTER:
+        if (
+            isinstance(scheduler, RunSchedule)
+            and scheduler.run_length
+            and self.global_step == schedulers.ESTIMATE_AFTER
+        ):
             # Rank 0's clock decides: every rank must follow one schedule.
-            scheduler.set_length(self.trainer.strategy.broadcast(schedulers.estimate_length(self.trainer, self.global_step)))
-            rank_zero_info(f"The learning-rate schedule spans {scheduler.total_steps} steps (warmup {scheduler.warmup()})")
+            scheduler.set_length(
+                self.trainer.strategy.broadcast(schedulers.estimate_length(self.trainer, self.global_step))
+            )
+            rank_zero_info(
+                f"The learning-rate schedule spans {scheduler.total_steps} steps (warmup {scheduler.warmup()})"
+            )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, because
         # fp16's loss scaler unscales inside the fused step. bf16 has no scaler: the gradients
         # are already true, so they are clipped here; with a scaler, Lightning decides.
         if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            clip = torch.nn.utils.clip_grad_norm_ if gradient_clip_algorithm in (None, "norm") else torch.nn.utils.clip_grad_value_
+            clip = (
+                torch.nn.utils.clip_grad_norm_
+                if gradient_clip_algorithm in (None, "norm")
+                else torch.nn.utils.clip_grad_value_
+            )
             clip([p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def metric_names(self) -> set[str]:
         """What the task logs, for checking a monitored name before the first step."""
-        return {"train/loss", "train/aux_loss"} | {f"{stage}/{name}" for stage in STAGES for name in self.stage_metrics[stage]}
+        return {"train/loss", "train/aux_loss"} | {
+            f"{stage}/{name}" for stage in STAGES for name in self.stage_metrics[stage]
+        }
 
     def on_predict_start(self):
         # By default beside the predict run's config, in its own log folder.
@@ -238,7 +254,9 @@ class MoEModule(LightningModule):
                 raise CheckpointError(f"{path}: not a checkpoint (no state_dict)")
             saved_class, state = ckpt.get("hyper_parameters", {}).get("_class_path"), ckpt["state_dict"]
             if saved_class and saved_class.rsplit(".", 1)[-1] != type(self).__qualname__:
-                raise CheckpointError(f"convert_from {path} was saved by {saved_class}, for another task than {type(self).__qualname__}")
+                raise CheckpointError(
+                    f"convert_from {path} was saved by {saved_class}, for another task than {type(self).__qualname__}"
+                )
             prefix = "net."
             dense = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
             for notice in convert(self.net, dense, self.hparams.convert_experts, self.hparams.convert_noise, str(path)):
@@ -246,7 +264,12 @@ class MoEModule(LightningModule):
             rank_zero_info(f"Converted {path} into this MoE model ({self.hparams.convert_experts} experts)")
 
     def configure_model(self):
-        if self.hparams.expert_parallel and dist.is_available() and dist.is_initialized() and expert_group(self) is None:
+        if (
+            self.hparams.expert_parallel
+            and dist.is_available()
+            and dist.is_initialized()
+            and expert_group(self) is None
+        ):
             parallelize_experts(self)
 
     def on_save_checkpoint(self, checkpoint):

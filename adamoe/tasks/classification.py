@@ -27,6 +27,7 @@ class ClassificationModule(MoEModule):
     def __init__(self, num_classes: int = 2, pooling: Literal["mean", "first"] = "mean", **kwargs):
         if num_classes < 2:
             raise ConfigError(f"ClassificationModule needs num_classes >= 2, got {num_classes}")
+        self.num_classes, self.pooling = num_classes, pooling  # before the base builds the metrics, which read them
         super().__init__(**kwargs)
         self.head = torch.nn.Linear(self.net.d_model, num_classes)
 
@@ -36,15 +37,19 @@ class ClassificationModule(MoEModule):
 
     def forward(self, batch: Batch):
         states, routings = self.net.encode(batch["src"], batch["src_pad"])
-        return self.head(pool(states, batch["src_pad"], self.hparams.pooling)), routings
+        return self.head(pool(states, batch["src_pad"], self.pooling)), routings
 
     def step(self, batch):
         logits, routings = self(batch)
         return F.cross_entropy(logits.float(), batch["label"]), {}, routings
 
     def metrics(self, stage):
-        n = self.hparams.num_classes
-        return {"loss": MeanMetric(), "acc": MulticlassAccuracy(n, average="micro"), "f1": MulticlassF1Score(n, average="macro")}
+        n = self.num_classes
+        return {
+            "loss": MeanMetric(),
+            "acc": MulticlassAccuracy(n, average="micro"),
+            "f1": MulticlassF1Score(n, average="macro"),
+        }
 
     def update_metrics(self, metrics, batch, batch_idx, stage):
         logits, _ = self(batch)

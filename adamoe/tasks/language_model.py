@@ -13,7 +13,11 @@ class LanguageModelModule(MoEModule):
     `prompt_tokens` tokens of each text, greedily at `temperature` 0, else by sampling
     (from the `top_k` likeliest tokens when top_k > 0), one continuation a line."""
 
-    def __init__(self, prompt_tokens: int = 8, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, **kwargs):
+    def __init__(
+        self, prompt_tokens: int = 8, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, **kwargs
+    ):
+        self.prompt_tokens, self.max_new_tokens = prompt_tokens, max_new_tokens
+        self.temperature, self.top_k = temperature, top_k
         super().__init__(**kwargs)
 
     def check_config(self, config):
@@ -25,7 +29,9 @@ class LanguageModelModule(MoEModule):
 
     def step(self, batch):
         h_BSD, routings = self(batch, project=False)
-        nll, _ = linear_cross_entropy(h_BSD.flatten(0, 1), self.net.output.weight, batch["tgt_out"].flatten(), self.hparams.pad_id)
+        nll, _ = linear_cross_entropy(
+            h_BSD.flatten(0, 1), self.net.output.weight, batch["tgt_out"].flatten(), self.hparams.pad_id
+        )
         return nll, {}, routings
 
     def metrics(self, stage):
@@ -38,13 +44,14 @@ class LanguageModelModule(MoEModule):
         metrics["ppl"].update(nll, weight=tokens)
 
     def predict(self, batch):
-        hp = self.hparams
         # A prompt is the first tokens of a text (after <s>); prompts of one length go together.
-        lengths = (~batch["tgt_pad"]).sum(1).clamp(max=hp.prompt_tokens + 1)
+        lengths = (~batch["tgt_pad"]).sum(1).clamp(max=self.prompt_tokens + 1)
         texts = [""] * lengths.numel()
         for n in lengths.unique().tolist():
             rows = (lengths == n).nonzero().squeeze(1)
-            out = self.net.continue_text(batch["tgt_in"][rows, :n], hp.eos_id, hp.max_new_tokens, hp.temperature, hp.top_k)
+            out = self.net.continue_text(
+                batch["tgt_in"][rows, :n], self.hparams.eos_id, self.max_new_tokens, self.temperature, self.top_k
+            )
             for r, ids in zip(rows.tolist(), out.tolist()):
                 texts[r] = self.trainer.datamodule.decode(ids)
         return texts

@@ -38,12 +38,16 @@ class TranslationModule(MoEModule):
         length_penalty: float = 1.0,
         **kwargs,
     ):
+        # Before the base's __init__, which builds the metrics, and they read them.
+        self.label_smoothing, self.bleu_batches, self.max_decode_len = label_smoothing, bleu_batches, max_decode_len
+        self.beam_size, self.length_penalty = beam_size, length_penalty
         super().__init__(**kwargs)
 
     def check_config(self, config):
         if not (config.num_encoder_layers and config.num_decoder_layers):
             raise ConfigError(
-                "TranslationModule needs an encoder and a decoder: net.num_encoder_layers and net.num_decoder_layers must be >= 1, "
+                "TranslationModule needs an encoder and a decoder: net.num_encoder_layers and net.num_decoder_layers "
+                "must be >= 1, "
                 f"got {config.num_encoder_layers} and {config.num_decoder_layers}"
             )
 
@@ -53,7 +57,11 @@ class TranslationModule(MoEModule):
     def _losses(self, batch: Batch):
         h_BSD, routings = self(batch, project=False)
         smoothed, nll = linear_cross_entropy(
-            h_BSD.flatten(0, 1), self.net.output.weight, batch["tgt_out"].flatten(), self.hparams.pad_id, self.hparams.label_smoothing
+            h_BSD.flatten(0, 1),
+            self.net.output.weight,
+            batch["tgt_out"].flatten(),
+            self.hparams.pad_id,
+            self.label_smoothing,
         )
         return smoothed, nll, routings
 
@@ -63,7 +71,7 @@ class TranslationModule(MoEModule):
 
     def metrics(self, stage):
         metrics = {"loss": MeanMetric(), "ppl": Perplexity()}
-        if stage == "test" or self.hparams.bleu_batches != 0:
+        if stage == "test" or self.bleu_batches != 0:
             metrics["bleu"] = Bleu()
         return metrics
 
@@ -72,15 +80,15 @@ class TranslationModule(MoEModule):
         tokens = (~batch["tgt_pad"]).sum()
         metrics["loss"].update(nll, weight=tokens)
         metrics["ppl"].update(nll, weight=tokens)
-        if "bleu" in metrics and (stage == "test" or self.hparams.bleu_batches < 0 or batch_idx < self.hparams.bleu_batches):
-            beam = self.hparams.beam_size if stage == "test" else 1
+        if "bleu" in metrics and (stage == "test" or self.bleu_batches < 0 or batch_idx < self.bleu_batches):
+            beam = self.beam_size if stage == "test" else 1
             metrics["bleu"].update(self.decode(batch, beam), [[t] for t in batch["target"]])
 
     def decode(self, batch: Batch, beam_size: int) -> list[str]:
         src = batch["src"]
-        max_len = min(self.hparams.max_decode_len, int(src.shape[1] * 1.5) + 10)
-        out = self.net.generate(src, self.hparams.bos_id, self.hparams.eos_id, max_len, beam_size, self.hparams.length_penalty)
+        max_len = min(self.max_decode_len, int(src.shape[1] * 1.5) + 10)
+        out = self.net.generate(src, self.hparams.bos_id, self.hparams.eos_id, max_len, beam_size, self.length_penalty)
         return [self.trainer.datamodule.decode(row) for row in out.tolist()]
 
     def predict(self, batch):
-        return self.decode(batch, self.hparams.beam_size)
+        return self.decode(batch, self.beam_size)

@@ -1,8 +1,9 @@
-"""Run bookkeeping: checkpoints that a kill cannot corrupt, and a metrics.json summary."""
+"""Resuming: checkpoints that a kill cannot corrupt, saved on a signal, and the random
+streams a resumed run continues from."""
 
 import datetime
-import json
 import os
+import random
 import signal
 import threading
 import time
@@ -12,17 +13,9 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 from adamoe.errors import ConfigError, Interrupted
-
-
-def update_metrics_json(log_dir, entries: dict):
-    """Merge `entries` into `<log_dir>/metrics.json`, which several callbacks write."""
-    path = Path(log_dir) / "metrics.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -70,7 +63,9 @@ class Checkpoint(ModelCheckpoint):
             known = pl_module.metric_names()
             if self.monitor not in known:
                 task = type(pl_module).__name__
-                raise ConfigError(f"checkpoint.monitor {self.monitor!r} is not logged by {task}; it logs {sorted(known)}")
+                raise ConfigError(
+                    f"checkpoint.monitor {self.monitor!r} is not logged by {task}; it logs {sorted(known)}"
+                )
         if trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
             for stale in Path(self.dirpath).glob(".*.tmp"):  # left by a writer that was killed
                 stale.unlink(missing_ok=True)
@@ -78,13 +73,19 @@ class Checkpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict):
         # Another folder is another run (an evaluation, a copied checkpoint): nothing of the
         # saved bookkeeping applies to it.
-        if self.dirpath and state_dict.get("dirpath") and Path(state_dict["dirpath"]).resolve() != Path(self.dirpath).resolve():
+        if (
+            self.dirpath
+            and state_dict.get("dirpath")
+            and Path(state_dict["dirpath"]).resolve() != Path(self.dirpath).resolve()
+        ):
             return
         # Paths in a checkpoint are data: a file this callback would later delete as a worse
         # top-k checkpoint must lie in its own folder.
         folder = Path(self.dirpath or state_dict.get("dirpath") or ".").resolve()
         state_dict = dict(state_dict)
-        state_dict["best_k_models"] = {p: v for p, v in state_dict.get("best_k_models", {}).items() if Path(p).resolve().parent == folder}
+        state_dict["best_k_models"] = {
+            p: v for p, v in state_dict.get("best_k_models", {}).items() if Path(p).resolve().parent == folder
+        }
         for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
             if state_dict.get(key) and Path(state_dict[key]).resolve().parent != folder:
                 state_dict[key] = ""
@@ -116,7 +117,9 @@ class Checkpoint(ModelCheckpoint):
         due = False
         if self.save_last and self.save_last_every is not None:
             # Saving is collective (every rank contributes state): rank 0's clock decides for all.
-            due = trainer.strategy.broadcast(time.monotonic() - self._last_saved_at >= self.save_last_every.total_seconds())
+            due = trainer.strategy.broadcast(
+                time.monotonic() - self._last_saved_at >= self.save_last_every.total_seconds()
+            )
         if stop or due:
             # Written directly rather than through ModelCheckpoint's bookkeeping, which would
             # then skip the top-k save of a validation at this same step.
@@ -127,7 +130,8 @@ class Checkpoint(ModelCheckpoint):
         if stop:
             name = signal.Signals(self._signal).name if self._signal else "a signal to another rank"
             self._stopped = Interrupted(
-                f"stopped by {name} at step {trainer.global_step}, saved {path}; resume with the same command and --ckpt_path {path}",
+                f"stopped by {name} at step {trainer.global_step}, saved {path}; resume with the same command and "
+                f"--ckpt_path {path}",
                 128 + (self._signal or signal.SIGTERM),
             )
 
@@ -147,47 +151,45 @@ class Checkpoint(ModelCheckpoint):
         self._last_saved_at = time.monotonic()
 
 
-class MetricsSummary(Callback):
-    """Writes `metrics.json` to the run folder at the end of fit: the final and the best
-    validation metrics (best by `monitor`; by default the checkpoint's monitor), and the
-    wall time of fit."""
+class RandomState(Callback):
+    """Saves every rank's random streams (torch, CUDA, Python's `random`) in checkpoints and
+    restores them just before the first training batch of a resumed run, so that dropout
+    draws the same masks as the run that was never stopped. With another number of ranks
+    the streams cannot match; the run goes on and says so."""
 
-    def __init__(self, monitor: str | None = None, mode: str = "min"):
-        if mode not in ("min", "max"):
-            raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
-        self.monitor, self.mode = monitor, mode
+    def state_dict(self):
+        trainer = self._trainer
+        state = torch.cat(
+            [torch.get_rng_state(), torch.tensor(random.getstate()[1], dtype=torch.int64).view(torch.uint8)]
+        )
+        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+            state = torch.cat([state, torch.cuda.get_rng_state(trainer.strategy.root_device)])
+        gathered = trainer.strategy.all_gather(state.to(trainer.strategy.root_device))
+        return {"per_rank": gathered.reshape(trainer.world_size, -1).cpu(), "python_version": random.getstate()[0]}
 
-    def on_fit_start(self, trainer, pl_module):
-        ckpt = trainer.checkpoint_callback
-        if self.monitor is None:
-            self.monitor, self.mode = (ckpt.monitor, ckpt.mode) if ckpt is not None and ckpt.monitor else ("val/loss", "min")
-        self.start = time.perf_counter()
-        self.best: dict | None = None
-        self.last: dict = {}
+    def setup(self, trainer, pl_module, stage):
+        self._trainer = trainer
+        self._pending = None
 
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+    def load_state_dict(self, state):
+        self._pending = state
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        state, self._pending = self._pending, None
+        if state is None:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        metrics.update(epoch=trainer.current_epoch, step=trainer.global_step)
-        self.last = metrics
-        value = metrics.get(self.monitor)
-        if value is None:
+        if state["per_rank"].shape[0] != trainer.world_size:
+            rank_zero_warn(
+                f"checkpoint saved with {state['per_rank'].shape[0]} ranks, resumed with {trainer.world_size}: random "
+                "streams start anew"
+            )
             return
-        best = None if self.best is None else self.best[self.monitor]
-        if best is None or (value < best if self.mode == "min" else value > best):
-            self.best = metrics
-
-    def on_fit_end(self, trainer, pl_module):
-        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-        if not trainer.is_global_zero or log_dir is None:
-            return
-        summary = {
-            "final": self.last,
-            "best": self.best,
-            "wall_time_s": time.perf_counter() - self.start,
-            "global_step": trainer.global_step,
-        }
-        if getattr(pl_module, "hparams", {}).get("convert_from"):
-            summary["converted_from"] = str(pl_module.hparams.convert_from)
-        update_metrics_json(log_dir, summary)
+        row = state["per_rank"][trainer.global_rank]
+        n_torch = torch.get_rng_state().numel()
+        n_py = 625 * 8  # Mersenne Twister: 624 words and a position, saved as int64 bytes
+        torch.set_rng_state(row[:n_torch].clone())
+        random.setstate(
+            (state["python_version"], tuple(row[n_torch : n_torch + n_py].view(torch.int64).tolist()), None)
+        )
+        if row.numel() > n_torch + n_py:
+            torch.cuda.set_rng_state(row[n_torch + n_py :].clone(), trainer.strategy.root_device)

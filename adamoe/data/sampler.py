@@ -56,7 +56,11 @@ class Plan:
     def reorder(self, batches: np.ndarray) -> "Plan":
         """The same batches, in the order `batches` gives."""
         sizes = np.diff(self.bounds)[batches]
-        order = np.concatenate([self.order[self.bounds[b] : self.bounds[b + 1]] for b in batches.tolist()]) if len(batches) else self.order
+        order = (
+            np.concatenate([self.order[self.bounds[b] : self.bounds[b + 1]] for b in batches.tolist()])
+            if len(batches)
+            else self.order
+        )
         return Plan(order, np.concatenate([[0], np.cumsum(sizes)]))
 
 
@@ -103,7 +107,9 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((rx * ry).sum() / denom) if denom > 0 else 0.0
 
 
-def curriculum_order(two_NL: torch.Tensor, tokens_NL: torch.Tensor, generator: torch.Generator, reverse: bool = False) -> np.ndarray:
+def curriculum_order(
+    two_NL: torch.Tensor, tokens_NL: torch.Tensor, generator: torch.Generator, reverse: bool = False
+) -> np.ndarray:
     """The paper's order from per-sample, per-layer counts of two-expert and all tokens.
 
     C_d = two_d / tokens_d per layer (eq. 5). The anchor is the sample with the fewest
@@ -131,7 +137,9 @@ def curriculum_order(two_NL: torch.Tensor, tokens_NL: torch.Tensor, generator: t
         sim = (norms == 0).double()
     share = two / tokens_NL[known].sum(1)
     known = known.numpy()
-    order = known[np.lexsort((share.numpy(), -sim.numpy()))]  # the last key sorts first; stable, so ties keep index order
+    order = known[
+        np.lexsort((share.numpy(), -sim.numpy()))
+    ]  # the last key sorts first; stable, so ties keep index order
     return np.concatenate([order[::-1] if reverse else order, tail])
 
 
@@ -190,7 +198,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
             return pack(np.argsort(lengths, kind="stable"), lengths, self.max_tokens, self.batch_size, W)
         if self.order == "length":
             shuffled = torch.randperm(n, generator=g, dtype=torch.int32).numpy()
-            plan = pack(shuffled[np.argsort(lengths[shuffled], kind="stable")], lengths, self.max_tokens, self.batch_size, W)
+            plan = pack(
+                shuffled[np.argsort(lengths[shuffled], kind="stable")], lengths, self.max_tokens, self.batch_size, W
+            )
             return plan.reorder(torch.randperm(len(plan), generator=g).numpy())
         if self.order == "random" or self.two_NL is None:
             order = torch.randperm(n, generator=g, dtype=torch.int32).numpy()
@@ -214,7 +224,10 @@ class ShardedBatchSampler(Sampler[list[int]]):
         if self.epoch_two_NL is None:
             # Token counts, 4 bytes each: the tables are the sampler's largest state.
             shape = (len(self.lengths), two_BL.shape[1])
-            self.epoch_two_NL, self.epoch_tokens_NL = torch.zeros(shape, dtype=torch.int32), torch.zeros(shape, dtype=torch.int32)
+            self.epoch_two_NL, self.epoch_tokens_NL = (
+                torch.zeros(shape, dtype=torch.int32),
+                torch.zeros(shape, dtype=torch.int32),
+            )
         # Added, not assigned: a sample seen twice in an epoch would show as double counts.
         index = index_B.cpu()
         self.epoch_two_NL.index_add_(0, index, two_BL.cpu().to(self.epoch_two_NL.dtype))
@@ -248,13 +261,20 @@ class ShardedBatchSampler(Sampler[list[int]]):
             "epoch": self.epoch,
             "consumed": self.consumed,
             "order": self.order,
-            **{k: getattr(self, k) for k in ("two_NL", "tokens_NL", "epoch_two_NL", "epoch_tokens_NL") if getattr(self, k) is not None},
+            **{
+                k: getattr(self, k)
+                for k in ("two_NL", "tokens_NL", "epoch_two_NL", "epoch_tokens_NL")
+                if getattr(self, k) is not None
+            },
         }
 
     def load_state_dict(self, state: dict):
         self.epoch, self.consumed = state["epoch"], state["consumed"]
         if state["order"] != self.order:
-            warnings.warn(f"resuming with order {self.order!r} from a run with {state['order']!r}: the epoch restarts", stacklevel=2)
+            warnings.warn(
+                f"resuming with order {self.order!r} from a run with {state['order']!r}: the epoch restarts",
+                stacklevel=2,
+            )
             self.consumed = 0
         self.two_NL, self.tokens_NL = state.get("two_NL"), state.get("tokens_NL")
         self.epoch_two_NL, self.epoch_tokens_NL = state.get("epoch_two_NL"), state.get("epoch_tokens_NL")

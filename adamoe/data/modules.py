@@ -6,7 +6,8 @@ import pyarrow.compute as pc
 
 from adamoe.data import store
 from adamoe.data.datamodule import TextData
-from adamoe.data.sources import DataError, DataSource, SyntheticSentiment, SyntheticText, SyntheticTranslation
+from adamoe.data.sources import DataSource, SyntheticSentiment, SyntheticText, SyntheticTranslation
+from adamoe.errors import DataError
 
 
 class TranslationData(TextData):
@@ -48,7 +49,10 @@ class ClassificationData(TextData):
         ids = pc.index_in(labels, value_set=pa.array(self.label_names, labels.type))
         unknown = np.flatnonzero(pc.is_null(ids).to_numpy(zero_copy_only=False))
         if unknown.size:
-            raise DataError(f"{split}: label {labels[int(unknown[0])].as_py()!r} does not occur in the training split ({self.label_names})")
+            raise DataError(
+                f"{split}: label {labels[int(unknown[0])].as_py()!r} does not occur in the training split "
+                f"({self.label_names})"
+            )
         return chunk.set_column(chunk.column_names.index("label"), "label", ids.cast(pa.int64()))
 
     def setup(self, stage=None):
@@ -59,7 +63,9 @@ class ClassificationData(TextData):
             labels = ds.numbers("label")
             bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
             if bad.size:
-                raise DataError(f"{split}: sample {bad[0]} has label {labels[bad[0]]}, outside num_classes={self.num_classes}")
+                raise DataError(
+                    f"{split}: sample {bad[0]} has label {labels[bad[0]]}, outside num_classes={self.num_classes}"
+                )
 
 
 class LanguageModelData(TextData):
