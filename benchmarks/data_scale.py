@@ -22,7 +22,6 @@ over the cached lengths, timed in this process. The last line projects to WMT19'
 import argparse
 import gzip
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,19 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from throughput import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adamoe.data.sampler import ShardedBatchSampler  # noqa: E402
 from adamoe.data.store import Split  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def generate(multi30k: Path, pairs: int, out: Path, seed: int = 0):

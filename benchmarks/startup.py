@@ -7,12 +7,13 @@ command's median wall time and the median over rounds of its ratio to the import
 """
 
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from throughput import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = [sys.executable, "-c", "import lightning.pytorch"]
@@ -46,15 +47,7 @@ def main():
         times["import lightning.pytorch"].append(wall(BASELINE))
         for name, command in COMMANDS.items():
             times[name].append(wall(command))
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    print(f"{cpu}, {rounds} rounds, {time.strftime('%Y-%m-%d')}\n")
+    print(f"{cpu_model()}, {rounds} rounds, {time.strftime('%Y-%m-%d')}\n")
     print("| command | median wall (s) | over the import (s) | ratio to the import |\n|---|---|---|---|")
     base = times["import lightning.pytorch"]
     for name, ts in times.items():

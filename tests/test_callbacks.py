@@ -2,13 +2,23 @@ import json
 import platform
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import tiny_config, train
 
 from adamoe.callbacks.analysis import count_words, words_of
-from adamoe.callbacks.stats import FIELDS, TOKENS, TWO_EXPERT, ExpertStats, routing_counts, summarize
+from adamoe.callbacks.stats import (
+    FIELDS,
+    TOKENS,
+    TWO_EXPERT,
+    ExpertStats,
+    experts_per_token,
+    loads,
+    routing_counts,
+    summarize,
+)
 from adamoe.callbacks.timing import EpochTimer, time_to_target
 from adamoe.gates import Routing
 
@@ -46,9 +56,27 @@ def test_stats_are_exact_on_hand_built_routing():
     assert s["experts/dec.1/load_imbalance"] == pytest.approx(1.0)
     assert s["experts/dec.1/dropped"] == 2 and s["experts/dec.1/aux_loss"] == pytest.approx(0.5)
     assert s["experts/model/experts_per_token"] == pytest.approx((9 + 6) / (6 + 6))
-    assert counts[0, FIELDS:].tolist() == [3, 3, 3]
+    assert loads(counts)[0].tolist() == [3, 3, 3]
+    # Tokens on 0, 1, 2, 3 experts; the padding token of step 1 is not one of them.
+    assert experts_per_token(counts).tolist() == [[0, 3, 3, 0], [0, 6, 0, 0]]
     unbalanced = summarize(routing_counts(step1), ["enc.1", "dec.1"])
     assert unbalanced["experts/enc.1/load_imbalance"] == pytest.approx(3 / 2)  # loads [3, 1, 2]
+
+
+def test_experts_per_token_histogram_has_a_bucket_per_count_of_experts():
+    written = {}
+    experiment = SimpleNamespace(
+        add_histogram=lambda *args: None,
+        add_histogram_raw=lambda tag, lo, hi, num, total, squares, limits, buckets, step: written.setdefault(
+            tag, (lo, hi, num, total, squares, limits, buckets)
+        ),
+    )
+    step = [routing([2, 1, 0, 2, 1], [3, 1, 2], entropy=2.0, aux=0.5)]
+    ExpertStats._histograms(experiment, ["enc.1"], routing_counts(step), "_epoch", 7)
+    # 4 real tokens: two on 1 expert, two on 2; the padding token is left out.
+    lo, hi, num, total, squares, limits, buckets = written["experts/enc.1/experts_per_token_hist_epoch"]
+    assert (lo, hi, num, total, squares) == (1, 2, 4, 6, 10)
+    assert limits == [0.5, 1.5, 2.5, 3.5] and buckets == [0, 2, 2, 0]
 
 
 def test_load_heatmap_has_one_labelled_tick_per_expert():
@@ -56,9 +84,9 @@ def test_load_heatmap_has_one_labelled_tick_per_expert():
 
     figures = {}
     experiment = SimpleNamespace(add_figure=lambda tag, fig, step: figures.setdefault(tag, fig))
-    counts = torch.zeros(2, FIELDS + 6, dtype=torch.float64)
+    counts = torch.zeros(2, FIELDS + 6 + 7, dtype=torch.float64)
     counts[:, TOKENS], counts[:, TWO_EXPERT] = 10, 3
-    counts[:, FIELDS:] = torch.arange(12, dtype=torch.float64).view(2, 6)
+    counts[:, FIELDS : FIELDS + 6] = torch.arange(12, dtype=torch.float64).view(2, 6)
     ExpertStats()._figures(
         SimpleNamespace(logger=SimpleNamespace(experiment=experiment), global_step=0), ["enc.1", "dec.1"], counts
     )

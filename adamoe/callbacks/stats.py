@@ -7,11 +7,25 @@ from torch import Tensor
 
 from adamoe.data.batch import token_counts
 from adamoe.gates import Routing
+from adamoe.gates import counts as occurrences
 from adamoe.parallel import expert_group
 
-# Columns of a layer's count row; expert loads follow.
+# Columns of a layer's count row; the E expert loads follow, then the E + 1 counts of
+# tokens on 0, 1, ..., E experts.
 TOKENS, TWO_EXPERT, ASSIGNMENTS, DROPPED, ENTROPY, AUX, STEPS, EP_RECEIVED, EP_BYTES = range(9)
 FIELDS = 9
+
+
+def loads(counts_LC: Tensor) -> Tensor:
+    """Each layer's assignments per expert, [L, E]."""
+    E = (counts_LC.shape[1] - FIELDS - 1) // 2
+    return counts_LC[:, FIELDS : FIELDS + E]
+
+
+def experts_per_token(counts_LC: Tensor) -> Tensor:
+    """Each layer's non-padding tokens on 0, 1, ..., E experts, [L, E + 1]."""
+    E = (counts_LC.shape[1] - FIELDS - 1) // 2
+    return counts_LC[:, FIELDS + E :]
 
 
 def routing_counts(routings: list[Routing], dispatchers: list | None = None) -> Tensor:
@@ -40,14 +54,16 @@ def routing_counts(routings: list[Routing], dispatchers: list | None = None) -> 
         head[TWO_EXPERT] = (r.experts_per_token_T >= 2).sum()
         head[ENTROPY] = r.router_entropy.detach()
         head[AUX] = r.aux_loss.detach()
-        rows.append(torch.cat([head, r.expert_load_E.double()]))
+        per_token = occurrences(r.experts_per_token_T, r.expert_load_E.numel() + 1).double()
+        per_token[0] -= r.experts_per_token_T.numel() - r.num_tokens  # padding counts as 0 experts
+        rows.append(torch.cat([head, r.expert_load_E.double(), per_token]))
     return torch.stack(rows)
 
 
 def summarize(counts_LC: Tensor, names: list[str]) -> dict[str, float]:
     """Scalars from summed counts: per layer, then for the whole model."""
     out = {}
-    load_LE = counts_LC[:, FIELDS:]
+    load_LE = loads(counts_LC)
     for i, name in enumerate(names):
         c, tokens = counts_LC[i], counts_LC[i, TOKENS].clamp_min(1)
         load = load_LE[i]
@@ -134,12 +150,22 @@ class ExpertStats(Callback):
         if trainer.is_global_zero and trainer.logger is not None:
             trainer.logger.log_metrics({k + suffix: v for k, v in metrics.items()}, step=trainer.global_step)
             experiment = getattr(trainer.logger, "experiment", None)
-            if counts is not None and hasattr(experiment, "add_histogram"):
-                for i, name in enumerate(model.moe_layer_names):
-                    experiment.add_histogram(
-                        f"experts/{name}/tokens_per_expert{suffix}", counts[i, FIELDS:].cpu(), trainer.global_step
-                    )
+            if counts is not None and hasattr(experiment, "add_histogram_raw"):
+                self._histograms(experiment, model.moe_layer_names, counts.cpu(), suffix, trainer.global_step)
         return counts
+
+    @staticmethod
+    def _histograms(experiment, names, counts, suffix, step):
+        """Per layer: the loads of the experts, and how many tokens got 0, 1, ..., E experts."""
+        for name, load, per_token in zip(names, loads(counts), experts_per_token(counts)):
+            experiment.add_histogram(f"experts/{name}/tokens_per_expert{suffix}", load, step)
+            k = torch.arange(len(per_token), dtype=torch.float64)
+            used = k[per_token > 0] if bool((per_token > 0).any()) else k[:1]
+            total, first, second = per_token.sum(), (k * per_token).sum(), (k**2 * per_token).sum()
+            experiment.add_histogram_raw(
+                f"experts/{name}/experts_per_token_hist{suffix}", float(used.min()), float(used.max()),
+                float(total), float(first), float(second), (k + 0.5).tolist(), per_token.tolist(), step,
+            )  # fmt: skip
 
     def _heatmap(self, trainer, names, counts):
         if not hasattr(getattr(trainer.logger, "experiment", None), "add_figure"):
@@ -150,7 +176,7 @@ class ExpertStats(Callback):
         import matplotlib.pyplot as plt
         from matplotlib.colors import TwoSlopeNorm
 
-        load = counts[:, FIELDS:].cpu()
+        load = loads(counts).cpu()
         share = (load / load.sum(1, keepdim=True).clamp_min(1)).numpy()
         E = load.shape[1]
         fig, ax = plt.subplots(figsize=(max(5, 1.5 + 0.6 * E), max(3, 1 + 0.45 * len(names))), layout="constrained")
