@@ -1,12 +1,13 @@
 """The paper's Table 1 for our MoE layer: does time follow computation?
 
 Forward + backward of one MoELayer (d_model 512, d_ff 2048, 16 experts, 4096 tokens,
-fp32) under top-2, top-1 and adaptive gating with 80/50/20% of tokens on one expert,
-beside the same FLOPs as top-2 run dense: a plain autograd FFN, and its six GEMMs
-alone (the limit). Rows run interleaved; each ratio is the median over repeats of the
-row's time over top-2's time in the same repeat, so that drift of the machine's speed
-during the run cancels. The gap's interval comes from resampling the repeats (bootstrap):
-how far a rerun on the same machine, in the same state, could move it.
+fp32) under top-2, top-1, adaptive gating with 80/50/20% of tokens on one expert and
+the dynamic-k gates (top-p, null experts, ReLU), beside the same FLOPs as top-2 run
+dense: a plain autograd FFN, and its six GEMMs alone (the limit). Rows run
+interleaved; each ratio is the median over repeats of the row's time over top-2's time
+in the same repeat, so that drift of the machine's speed during the run cancels. The
+gap's interval comes from resampling the repeats (bootstrap): how far a rerun on the
+same machine, in the same state, could move it.
 
     python benchmarks/moe_layer.py [--repeats 15] [--tokens 4096] [--keep-freed-memory] [--device cuda]
 """
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from throughput import timed
 
+from adamoe.dynamic_gates import NullExpertGate, ReLUGate, TopPGate
 from adamoe.gates import AdaptiveGate, Top1Gate, Top2Gate
 from adamoe.memory import keep_freed_memory
 from adamoe.moe import MoELayer
@@ -59,6 +61,16 @@ def main():
     rows = {"top-2": top2, "top-1": top1}
     for share in (0.8, 0.5, 0.2):
         rows[f"adaptive {share:.0%} top-1"] = adaptive_with_single_share(top2, x_BSD[0], share)
+    # The dynamic-k gates, with top-2's experts (and router, where it has the shape).
+    for name, gate in (
+        ("top-p 0.5", TopPGate(D, E, p=0.5)),
+        ("null experts k=2", NullExpertGate(D, E, k=2, num_null=4)),
+        ("relu, at most 3", ReLUGate(D, E, max_experts=3)),
+    ):
+        rows[name] = MoELayer(D, Fd, E, gate)
+        rows[name].experts.load_state_dict(top2.experts.state_dict())
+        if gate.router.weight.shape == top2.gate.router.weight.shape:
+            rows[name].gate.router.load_state_dict(top2.gate.router.state_dict())
     w0, w1 = torch.randn(D, Fd) / D**0.5, torch.randn(Fd, D) / Fd**0.5
     w0.requires_grad_()
     w1.requires_grad_()
@@ -134,12 +146,13 @@ def main():
         f"MoE layer fwd+bwd, {T} tokens, d_model {D}, d_ff {Fd}, {E} experts, fp32, {where}, {args.repeats} repeats, "
         f"memory {memory}"
     )
-    print(f"{'gate':<22}{'computation':>12}{'time':>8}{'median ms':>11}")
+    print(f"{'gate':<22}{'computation':>12}{'time':>8}{'gap':>8}{'median ms':>11}")
     for name in rows:
-        print(f"{name:<22}{computation[name]:>12.3f}{ratio[name]:>8.3f}{med[name] * 1e3:>11.1f}")
+        gap = ratio[name] - computation[name]
+        print(f"{name:<22}{computation[name]:>12.3f}{ratio[name]:>8.3f}{gap:>+8.3f}{med[name] * 1e3:>11.1f}")
     for name in ("naive autograd top-2", "dense FFN", "dense GEMMs"):
         label = name if name.startswith("naive") else name + " (top-2 FLOPs)"
-        print(f"{label:<26}{1.0:>8.3f}{ratio[name]:>8.3f}{med[name] * 1e3:>11.1f}")
+        print(f"{label:<26}{1.0:>8.3f}{ratio[name]:>8.3f}{'':>8}{med[name] * 1e3:>11.1f}")
     print(f"gemm_efficiency={ratio['dense GEMMs']:.3f}  (the stricter limit: GEMMs alone)")
     interval = f"90% bootstrap interval {resampled[50]:.3f}-{resampled[949]:.3f}"
     print(f"table1_max_gap={max_gap(list(range(args.repeats))):.3f} ({interval}) efficiency={ratio['dense FFN']:.3f}")

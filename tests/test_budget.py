@@ -4,6 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from adamoe.callbacks import Budget
 from adamoe.callbacks.budget import step_knob
@@ -51,3 +53,36 @@ def test_a_gate_without_a_knob_is_refused():
 
     with pytest.raises(ConfigError, match="Top1Gate in enc.0 has none"):
         Budget().on_train_start(None, layers(Top1Gate(8, 4)))
+
+
+def _two_ranks_turn_one_knob(rank, store_path, out_path):
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        gate = AdaptiveGate(16, 8, threshold=0.5)
+        budget = Budget(target=1.25, rate=0.05)
+        pl_module = layers(gate)
+        budget.on_train_start(None, pl_module)
+        torch.manual_seed(rank)  # each rank routes different tokens, and as many as it likes
+        routing = gate(torch.randn(100 + 300 * rank, 16))
+        pl_module.train_routings, pl_module.device = [routing], torch.device("cpu")
+        pl_module.log_dict = lambda *args, **kwargs: None
+
+        def reduce(t, reduce_op):
+            dist.all_reduce(t)
+            return t
+
+        budget.on_train_batch_end(SimpleNamespace(strategy=SimpleNamespace(reduce=reduce)), pl_module, None, None, 0)
+        seen = {"assignments": routing.token_index_N.numel(), "tokens": routing.num_tokens}
+        torch.save({"threshold": gate.threshold, **seen}, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_set_the_same_knob_from_the_mean_over_all_ranks(tmp_path):
+    """Each rank sees its own tokens; the knob follows the mean over both, the same on each."""
+    store = tmp_path / "store"
+    mp.spawn(_two_ranks_turn_one_knob, args=(str(store), str(tmp_path / "out")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"out.{rank}") for rank in (0, 1))
+    mean = (r0["assignments"] + r1["assignments"]) / (r0["tokens"] + r1["tokens"])
+    assert r0["assignments"] / r0["tokens"] != pytest.approx(mean, abs=1e-3)  # a rank's own mean would differ
+    assert r0["threshold"] == r1["threshold"] == pytest.approx(step_knob(0.5, mean, 1.25, 0.05, 1e-6, 1.0))
