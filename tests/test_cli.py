@@ -5,6 +5,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 import yaml
 from helpers import ROOT, scalars, tiny_config, train
 
@@ -162,13 +163,24 @@ def test_every_config_builds_the_model_and_data_it_names(config, tmp_path):
         files = [ROOT / "configs" / "quickstart.yaml", *files]  # they compose with a task config
         if config.name in ("replicate.yaml", "paper_shape.yaml"):
             files = [ROOT / "configs" / "multi30k.yaml", *files[1:]]
+    if config.parent.name == "optim":  # a value for `optimizer`, not a config of the whole run
+        files = [ROOT / "configs" / "quickstart.yaml"]
     args = sum((["--config", str(f)] for f in files), [])
+    if config.parent.name == "optim":
+        args += ["--model.init_args.optimizer", str(config)]
     if "multi30k.yaml" in args[1]:
         args += ["--data.source.init_args.root", str(tmp_path)]
     args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--data.cache_dir", str(tmp_path)]
     if config.name == "ddp.yaml":
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32"]
     cli = main(args, run=False)
+    if config.parent.name == "optim":
+        given = yaml.safe_load(config.read_text())
+        optimizer = cli.model.optimizer([torch.nn.Parameter(torch.zeros(1))])
+        assert f"{type(optimizer).__module__}.{type(optimizer).__name__}".replace(".adamw", "") == given["class_path"]
+        assert {k: optimizer.defaults[k] for k in given["init_args"]} == {
+            k: tuple(v) if isinstance(v, list) else v for k, v in given["init_args"].items()
+        }
     want = merged(base, *files)  # train.py reads configs/base.yaml first
     model, data = want["model"], want["data"]
     assert f"{type(cli.model).__module__.split('.')[0]}.{type(cli.model).__name__}" == model["class_path"]

@@ -182,7 +182,7 @@ def test_word_by_word_ids_equal_the_tokenizers_own(tmp_path):
 def test_preparation_streams_through_a_redrawing_progress_bar(tmp_path, monkeypatch):
     """tqdm's `update` returns True whenever it redraws, which on a large corpus is every
     chunk: the tokenized chunks must still reach the cache."""
-    from adamoe.data import SyntheticTranslation, TranslationData, datamodule
+    from adamoe.data import SyntheticTranslation, TranslationData, prepare
 
     class Bar:
         def __init__(self, *args, **kwargs):
@@ -195,7 +195,7 @@ def test_preparation_streams_through_a_redrawing_progress_bar(tmp_path, monkeypa
         def close(self):
             pass
 
-    monkeypatch.setattr(datamodule, "tqdm", Bar)
+    monkeypatch.setattr(prepare, "tqdm", Bar)
     monkeypatch.setattr(text, "CHUNK_ROWS", 50)
     dm = TranslationData(
         SyntheticTranslation(200, 20, 20), vocab_size=300, max_tokens=512, cache_dir=str(tmp_path / "cache")
