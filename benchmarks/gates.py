@@ -70,14 +70,17 @@ def report(store: Path) -> str:
         "enough that every gate may reach a BLEU near the ceiling, which hides differences in quality; the",
         "validation loss separates them better.",
         "",
-        "| gate | steps | val/loss | val/bleu | experts per token | active MFLOPs per token | wall (s, shared) |",
-        "|---|---|---|---|---|---|---|",
+        "Validation runs at each epoch's end: val/loss and val/bleu are the last one's, at the step shown.",
+        "",
+        "| gate | steps | val at step | val/loss | val/bleu | experts per token | active MFLOPs per token | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ept = r.get(SCALARS[0])
         flops = r.get(SCALARS[1])
         out.append(
-            f"| {r['gate']} | {r['steps']} | {r['val']['val/loss']:.3f} | {r['val']['val/bleu']:.2f} | "
+            f"| {r['gate']} | {r['steps']} | {r['val']['step']} | "
+            f"{r['val']['val/loss']:.3f} | {r['val']['val/bleu']:.2f} | "
             f"{'-' if ept is None else f'{ept:.3f}'} | {'-' if flops is None else f'{flops / 1e6:.3f}'} | "
             f"{r['wall_s']:.0f} |"
         )
