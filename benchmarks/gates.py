@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from curriculum import series
 from throughput import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +26,8 @@ SCALARS = ("experts/model/experts_per_token_epoch", "experts/model/active_flops_
 
 
 def last_scalars(run: Path) -> dict[str, float]:
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    return {tag: events.Scalars(tag)[-1].value for tag in SCALARS if tag in tags}
+    logged = series(run)
+    return {tag: logged[tag][-1][1] for tag in SCALARS if tag in logged}
 
 
 def train(gate: str, args) -> dict:
