@@ -30,6 +30,20 @@ def series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted({e.step: e.value for e in ea.Scalars(tag)}.items()) for tag in ea.Tags()["scalars"]}
 
 
+def experts_histograms(run_dir: Path) -> dict[str, list[float]]:
+    """Per MoE layer, the last epoch's share of tokens that took 0, 1, 2, ... experts."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir))  # keeps the newest histogram of each tag
+    ea.Reload()
+    out = {}
+    for tag in ea.Tags()["histograms"]:
+        if tag.endswith("/experts_per_token_hist_epoch"):
+            counts = ea.Histograms(tag)[-1].histogram_value.bucket
+            out[tag.split("/")[1]] = [c / max(sum(counts), 1.0) for c in counts]
+    return out
+
+
 def scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [v for _, v in points] for tag, points in series(run_dir).items()}
 

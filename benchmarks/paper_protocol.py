@@ -38,8 +38,21 @@ PAPER = ["--data.init_args.curriculum", "paper"]
 COPY = ["--model.init_args.convert_experts", "copy", "--model.init_args.convert_noise", "0.01"]
 
 
+# The dynamic-k gates are set to spend what adaptive T=0.1 spent here: its mean experts per
+# token over adaptive-no-curriculum's seeds 0 and 1 (`experts_per_token` in their run files).
+MATCHED = 1.39
+
+
 def threshold(t):
     return ["--model.init_args.net.gate.init_args.threshold", str(t)]
+
+
+def gate_arg(name, value):
+    return [f"--model.init_args.net.gate.init_args.{name}", str(value)]
+
+
+def budget(target):
+    return ["--trainer.callbacks+", "adamoe.callbacks.Budget", "--trainer.callbacks.init_args.target", str(target)]
 
 
 # name -> (gate configs, arguments, seeds)
@@ -56,7 +69,16 @@ ARMS = {
     "adaptive-T0.4": (ADAPTIVE, [*RANDOM, *threshold(0.4)], 1),
     "top2-copy": (["configs/gate/top2.yaml"], [*RANDOM, *COPY], 1),
     "adaptive-copy": (ADAPTIVE, [*RANDOM, *COPY], 1),
+    # The dynamic-k gates at adaptive's mean experts per token: the budget controller holds it
+    # for adaptive and top-p; null experts give k=2 times the real share of 16 + 7 experts;
+    # ReLU holds 1 - MATCHED/16 of its gates at zero. Top-p also at its paper's p.
+    "adaptive-budget": (ADAPTIVE, [*RANDOM, *budget(MATCHED)], 1),
+    "top_p-budget": (["configs/gate/top_p.yaml"], [*RANDOM, *budget(MATCHED)], 1),
+    "null_experts": (["configs/gate/null_experts.yaml"], [*RANDOM, *gate_arg("num_null", 7)], 1),
+    "relu": (["configs/gate/relu.yaml"], [*RANDOM, *gate_arg("target_sparsity", round(1 - MATCHED / 16, 4))], 1),
+    "top_p": (["configs/gate/top_p.yaml"], RANDOM, 1),
 }
+GATES = ["adaptive-no-curriculum", "adaptive-budget", "top_p-budget", "null_experts", "relu", "top_p"]
 
 
 def jobs(only: list[str] | None, seeds: list[int] | None) -> list[tuple[str, int]]:

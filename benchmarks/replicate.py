@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import yaml
-from curriculum import series
+from curriculum import experts_histograms, series
 from throughput import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +180,9 @@ def run(name: str, seed: int, args, plan: tuple[list[str], list[str]] | None = N
         "flops_per_token": final("experts/model/active_flops_per_token_epoch"),
         "two_expert_share": final("experts/model/two_expert_share_epoch"),
         "layer_share": {layer: final(f"experts/{layer}/two_expert_share_epoch") for layer in layers},
+        "experts_per_token": final("experts/model/experts_per_token_epoch"),
+        "layer_experts_per_token": {layer: final(f"experts/{layer}/experts_per_token_epoch") for layer in layers},
+        "layer_experts_histogram": experts_histograms(run_dir / "fit"),
         "ep_cost": [{"step": s, "value": v} for s, v in tb.get("curriculum/ep_cost", [])],
         "test_bleu": final("test/bleu", test_tb),
         "test_loss": final("test/loss", test_tb),
