@@ -1,4 +1,4 @@
-"""Train, validate, test or predict: `python train.py fit --config configs/quickstart.yaml`."""
+"""Train, validate, test or predict: `python train.py fit --config configs/task/translation.yaml`."""
 
 import sys
 

@@ -85,10 +85,10 @@ def program() -> str:
 
 
 def subcommand(name: str) -> str:
-    groups = ", ".join(sorted(p.name for p in CONFIGS.iterdir() if p.is_dir()))
+    groups = ", ".join(sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("task", "optim")))
     lines = [f"usage: train.py {name} [--config FILE ...] [--KEY VALUE ...]", ""]
     lines += textwrap.wrap(SUBCOMMANDS[name] + " A key takes the value of the last config or option that sets it.", 100)
-    tasks = "configs/quickstart.yaml, configs/multi30k.yaml"
+    tasks = "configs/task/NAME.yaml or configs/multi30k.yaml"
     lines += [""] + entry("--config FILE", f"a task config ({tasks}), then overlays ({groups} in configs/)")
     if name != "fit":
         lines += entry("--ckpt_path PATH", "the checkpoint to use; last: the newest of the config's run name")

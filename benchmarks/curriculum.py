@@ -5,7 +5,7 @@ For each `data.curriculum` value it runs `train.py fit` and prints: mean epoch t
 std of the two-expert share against a random order's (last epoch), and the final
 val/loss and val/bleu.
 
-    python benchmarks/curriculum.py --config configs/quickstart.yaml --epochs 4
+    python benchmarks/curriculum.py --config configs/task/translation.yaml --epochs 4
     python benchmarks/curriculum.py --config configs/multi30k.yaml --config configs/gate/adaptive.yaml \\
         --epochs 3 -- --data.source.init_args.root /path/to/multi30k
 """

@@ -6,7 +6,7 @@ with `--model.expert_parallel true` and without, and prints the all-to-all bytes
 per step (the straggler), and the mean step time of each (the slowest rank's training
 time over the steps).
 
-    python benchmarks/expert_parallel.py [--steps 60] [--config configs/quickstart.yaml]
+    python benchmarks/expert_parallel.py [--steps 60] [--config configs/task/translation.yaml]
 """
 
 import argparse

@@ -3,7 +3,7 @@
     python benchmarks/gates.py [--steps 600] [--only top2 adaptive ...]   # resumable
     python benchmarks/gates.py --report-only
 
-Each gate config (`configs/gate/*.yaml`) is put after `configs/quickstart.yaml` and trained
+Each gate config (`configs/gate/*.yaml`) is put after `configs/task/translation.yaml` and trained
 `--steps` steps from seed 0, on the same data in the same order. A finished run writes
 `benchmarks/gates/<gate>.json`; the report (`benchmarks/GATES.md`) is built from those
 files alone. Steps, not minutes, bound the runs, so they may share the machine; the wall
@@ -32,7 +32,7 @@ def last_scalars(run: Path) -> dict[str, float]:
 
 def train(gate: str, args) -> dict:
     name = f"gates/{gate}"
-    command = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml"]
+    command = [sys.executable, "train.py", "fit", "--config", "configs/task/translation.yaml"]
     command += ["--config", f"configs/gate/{gate}.yaml", "--trainer.max_time", "null", "--trainer.max_epochs", "-1"]
     command += ["--trainer.max_steps", str(args.steps), "--trainer.enable_progress_bar", "false"]
     command += ["--trainer.logger.init_args.save_dir", str(args.logs), "--trainer.logger.init_args.name", name]
@@ -62,7 +62,7 @@ def report(store: Path) -> str:
         "# Every gate on the quickstart",
         "",
         "Built by `python benchmarks/gates.py --report-only` from `benchmarks/gates/*.json`. Each gate config after",
-        "`configs/quickstart.yaml`, the same steps from seed 0, the same data and order. Experts per token and",
+        "`configs/task/translation.yaml`, the same steps from seed 0, the same data and order. Experts per token and",
         "FLOPs per token are the last training epoch's (`ExpertStats`). One seed, one task: a gate's rank here",
         "says how it does on this small embedded task at this length, not in general. The embedded task is easy",
         "enough that every gate may reach a BLEU near the ceiling, which hides differences in quality; the",

@@ -27,12 +27,12 @@ declare -A PATTERN=(
 )
 
 check quickstart 150 bash -c "
-  python train.py fit --config configs/quickstart.yaml --trainer.accelerator gpu --trainer.devices 1 \
+  python train.py fit --config configs/task/translation.yaml --trainer.accelerator gpu --trainer.devices 1 \
     --trainer.precision bf16-mixed --trainer.max_time 00:00:02:00 --trainer.enable_progress_bar false \
     --trainer.logger.init_args.save_dir $LOGS --trainer.logger.init_args.version fit &&
-  python train.py test --config configs/quickstart.yaml --trainer.accelerator gpu --trainer.devices 1 \
+  python train.py test --config configs/task/translation.yaml --trainer.accelerator gpu --trainer.devices 1 \
     --trainer.precision bf16-mixed --trainer.enable_progress_bar false --trainer.logger.init_args.save_dir $LOGS \
-    --trainer.logger.init_args.version test --ckpt_path $LOGS/quickstart/checkpoints/last.ckpt"
+    --trainer.logger.init_args.version test --ckpt_path $LOGS/translation/fit/checkpoints/last.ckpt"
 check throughput 90 python benchmarks/throughput.py --device cuda --precision bf16-mixed --repeats 5
 check moe_layer 60 python benchmarks/moe_layer.py --device cuda --repeats 10
 

@@ -25,7 +25,7 @@ COMMANDS = {
         "train.py",
         "fit",
         "--config",
-        "configs/quickstart.yaml",
+        "configs/task/translation.yaml",
         "--print_config",
     ],
 }

@@ -158,13 +158,13 @@ def test_every_config_builds_the_model_and_data_it_names(config, tmp_path):
     base = ROOT / "configs" / "base.yaml"
     files = [config]
     if config == base:
-        files = [ROOT / "configs" / "quickstart.yaml"]
+        files = [ROOT / "configs" / "task" / "translation.yaml"]
     elif config.parent.name in ("gate", "preset"):
-        files = [ROOT / "configs" / "quickstart.yaml", *files]  # they compose with a task config
+        files = [ROOT / "configs" / "task" / "translation.yaml", *files]  # they compose with a task config
         if config.name in ("replicate.yaml", "paper_shape.yaml"):
             files = [ROOT / "configs" / "multi30k.yaml", *files[1:]]
     if config.parent.name == "optim":  # a value for `optimizer`, not a config of the whole run
-        files = [ROOT / "configs" / "quickstart.yaml"]
+        files = [ROOT / "configs" / "task" / "translation.yaml"]
     args = sum((["--config", str(f)] for f in files), [])
     if config.parent.name == "optim":
         args += ["--model.init_args.optimizer", str(config)]
@@ -210,7 +210,7 @@ def test_every_config_builds_the_model_and_data_it_names(config, tmp_path):
     )
 
 
-@pytest.mark.parametrize("task", ["quickstart.yaml", "task/classification.yaml", "task/causal_lm.yaml"])
+@pytest.mark.parametrize("task", ["task/translation.yaml", "task/classification.yaml", "task/causal_lm.yaml"])
 @pytest.mark.parametrize("gate", ["dense", "top1", "top2", "adaptive"])
 def test_gate_configs_compose_with_every_task(task, gate, tmp_path):
     from adamoe.cli import main
@@ -232,7 +232,7 @@ def test_gate_configs_compose_with_every_task(task, gate, tmp_path):
     assert gates == ({"dense": set(), "top1": {"Top1Gate"}, "top2": {"Top2Gate"}, "adaptive": {"AdaptiveGate"}}[gate])
 
 
-TASK_CONFIGS = ["quickstart.yaml", "multi30k.yaml", "task/causal_lm.yaml", "task/classification.yaml"]
+TASK_CONFIGS = ["task/translation.yaml", "multi30k.yaml", "task/causal_lm.yaml", "task/classification.yaml"]
 # Overlays, each after the task config it is written for. ddp.yaml asks for 4 GPUs: its own precision is bf16-mixed.
 OVERLAYS = [
     str(p.relative_to(ROOT / "configs"))
@@ -251,7 +251,7 @@ WITH_MULTI30K = ("preset/replicate.yaml", "preset/paper_shape.yaml", "preset/wid
 def test_every_config_trains_under_every_precision(config, precision, tmp_path):
     """A training step and a validation batch through train.py, gradient clipping and the fused
     optimizer included, on a few hundred samples of the config's own kind of data."""
-    task = "multi30k.yaml" if config in WITH_MULTI30K else "quickstart.yaml" if config in OVERLAYS else config
+    task = "multi30k.yaml" if config in WITH_MULTI30K else "task/translation.yaml" if config in OVERLAYS else config
     args = ["fit", "--config", ROOT / "configs" / task, "--config", ROOT / "configs" / "preset" / "debug.yaml"]
     if config != task:
         args += ["--config", ROOT / "configs" / config, "--config", ROOT / "configs" / "preset" / "debug.yaml"]

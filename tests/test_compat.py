@@ -38,7 +38,7 @@ def test_lightning_cli_applies_checkpoint_arguments_through_the_hook_we_replace(
 
     monkeypatch.setattr(AdamoeCLI, "apply_checkpoint_arguments", record)
     with pytest.raises(Stop):
-        main(["fit", "--config", str(ROOT / "configs/quickstart.yaml")])
+        main(["fit", "--config", str(ROOT / "configs/task/translation.yaml")])
     assert calls == ["fit"]
 
 

@@ -43,7 +43,7 @@ def test_short_names_in_the_help_are_accepted_by_the_parser():
     cli = main(
         [
             "--config",
-            str(ROOT / "configs/quickstart.yaml"),
+            str(ROOT / "configs/task/translation.yaml"),
             "--model.net.gate",
             "TopPGate",
             "--model.net.gate.p",
