@@ -5,6 +5,7 @@ import os
 import re
 from datetime import timedelta
 
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -61,12 +62,14 @@ def parser_error(message: str) -> tuple[str, str]:
     return ".".join(keys), reasons[-1] if reasons else message.strip()
 
 
-# torch.distributed raises a plain RuntimeError when a peer process is gone (gloo) or a
-# collective timed out; only its text tells.
+# NCCL and the store raise torch.distributed.DistError when a peer is gone or a collective
+# timed out; gloo raises a plain RuntimeError, and only its text tells.
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out")
 
 
 def lost_peer(e: BaseException) -> bool:
+    if isinstance(e, dist.DistError):
+        return True
     return isinstance(e, RuntimeError) and any(s in str(e) for s in LOST_PEER)
 
 

@@ -3,6 +3,8 @@ libraries: a change in any of them fails here, by name, rather than deep inside 
 
 import inspect
 import os
+import subprocess
+import sys
 import tempfile
 from datetime import timedelta
 
@@ -87,3 +89,35 @@ def test_lightning_raises_trainer_settings_checked_against_the_data_from_its_loo
             ]
         )
     assert "val_check_interval" in str(error.value) and compat.lightning_setting(error.value)
+
+
+PEER = """
+import sys, time, torch, torch.distributed as dist
+from datetime import timedelta
+from adamoe import compat
+rank = int(sys.argv[1])
+store = "file://" + sys.argv[2]
+dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2, timeout=timedelta(seconds=20))
+dist.all_reduce(torch.ones(1))
+if rank == 1:
+    sys.exit(0)
+time.sleep(0.5)
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as e:
+    print(compat.lost_peer(e), type(e).__name__)
+"""
+
+
+def test_the_error_a_rank_gets_when_its_peer_exits_reads_as_a_lost_peer(tmp_path):
+    """gloo says so only in its text; a typed DistError always counts, another RuntimeError does not."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PEER, str(r), str(tmp_path / "store")], stdout=subprocess.PIPE, text=True
+        )
+        for r in (0, 1)
+    ]
+    out = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert out[0] in ("True RuntimeError", "True DistBackendError", "True DistNetworkError"), out
+    assert compat.lost_peer(dist.DistBackendError("NCCL communicator was aborted"))
+    assert not compat.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
