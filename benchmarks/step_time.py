@@ -77,6 +77,11 @@ def load(checkpoint: str):
         module = TranslationModule.load_from_checkpoint(f.name, map_location="cpu").train()
     optimizer = module.optimizer(module.parameters())  # as configured for the run
     optimizer.load_state_dict(state["optimizer_states"][0])
+    # A run under a compute budget routes by the knobs its Budget callback last set.
+    for key, saved in state.get("callbacks", {}).items():
+        if key.startswith("Budget"):
+            for name, layer in zip(module.net.moe_layer_names, module.net.moe_layers()):
+                setattr(layer.gate, type(layer.gate).KNOB, saved["knobs"][name])
     return module, optimizer
 
 
