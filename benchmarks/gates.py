@@ -1,4 +1,4 @@
-"""Every gate on the quickstart, the same steps each: quality and the compute it spent.
+"""Every gate on the embedded translation task, the same steps each: quality and the compute it spent.
 
     python benchmarks/gates.py [--steps 600] [--only top2 adaptive ...]   # resumable
     python benchmarks/gates.py --report-only
@@ -59,10 +59,11 @@ def train(gate: str, args) -> dict:
 def report(store: Path) -> str:
     rows = [json.loads((store / f"{g}.json").read_text()) for g in GATES if (store / f"{g}.json").exists()]
     out = [
-        "# Every gate on the quickstart",
+        "# Every gate on the embedded translation task",
         "",
         "Built by `python benchmarks/gates.py --report-only` from `benchmarks/gates/*.json`. Each gate config after",
-        "`configs/task/translation.yaml`, the same steps from seed 0, the same data and order. Experts per token and",
+        "`configs/task/translation.yaml` (named `configs/quickstart.yaml` when these runs were made, with the same",
+        "values), the same steps from seed 0, the same data and order. Experts per token and",
         "FLOPs per token are the last training epoch's (`ExpertStats`). One seed, one task: a gate's rank here",
         "says how it does on this small embedded task at this length, not in general. The embedded task is easy",
         "enough that every gate may reach a BLEU near the ceiling, which hides differences in quality; the",
