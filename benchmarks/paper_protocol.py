@@ -247,7 +247,7 @@ def distribution(runs: dict[str, list[dict]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in shown:
-        for layer in r["layer_share"]:
+        for layer in r.get("layer_experts_histogram") or r.get("layer_share", {}):
             h = histogram(r, layer)
             shares = [*h[:4], *([0.0] * (4 - len(h[:4]))), sum(h[4:])]
             mean = sum(k * v for k, v in enumerate(h))

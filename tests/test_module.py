@@ -128,7 +128,8 @@ def test_translation_losses_are_those_of_the_projected_logits():
 
 
 def test_a_schedule_in_shares_of_the_run_follows_the_trainers_limits(tmp_path):
-    from helpers import scalars, tiny_config, train
+    import yaml
+    from helpers import ROOT, scalars, tiny_config, train
 
     cosine = "{class_path: adamoe.schedulers.WarmupCosine, init_args: {warmup_steps: 0.25, min_ratio: 0.0}}"
     train(
@@ -142,7 +143,7 @@ def test_a_schedule_in_shares_of_the_run_follows_the_trainers_limits(tmp_path):
         cwd=tmp_path,
     )
     lrs = [v for _, v in scalars(tmp_path / "logs" / "tiny" / "version_0")["lr-AdamW"]]
-    peak = 1e-3  # AdamW's default, which the tiny config keeps
+    peak = yaml.safe_load((ROOT / "configs" / "optim" / "adamw.yaml").read_text())["init_args"]["lr"]
     # 8 steps: a warmup of 2, then a cosine toward 0 over the other 6.
     expected = [peak * r for r in (0.5, 1.0, *(0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)))]
     assert lrs == pytest.approx(expected, rel=1e-5)

@@ -153,7 +153,7 @@ def test_paper_protocol_plan_and_report(tmp_path):
 
     plan = paper_protocol.jobs(None, None)
     assert plan[:5] == [("top2", 0), ("adaptive-no-curriculum", 0), ("dense", 0), ("top1", 0), ("adaptive", 0)]
-    assert len(plan) == 5 * 3 + 7 and plan[-1] == ("adaptive-copy", 0)
+    assert len(plan) == 5 * 3 + 7 + 5 and plan[-1] == ("top_p", 0)  # the five dynamic-k gate arms last
     # Top-2 seeds at 3.0 and 3.2 at step 150 (target 3.1, reached at steps 145 and 155); the
     # adaptive arm reaches it at step 180: 1.20x. The curves end at step 250: no later targets.
     curve = lambda values: [{"step": 50 * (i + 1), "value": v} for i, v in enumerate(values)]  # noqa: E731
@@ -171,15 +171,27 @@ def test_paper_protocol_plan_and_report(tmp_path):
         for s, v in ((0, [5.0, 4.0, 3.0, 2.0, 1.9]), (1, [5.2, 4.2, 3.2, 2.2, 2.1]))
     ]
     adaptive = dict(
-        top2[0], name="adaptive-no-curriculum", curve=curve([5.0, 4.5, 3.4, 2.9, 2.5]), two_expert_share=0.2
+        top2[0],
+        name="adaptive-no-curriculum",
+        curve=curve([5.0, 4.5, 3.4, 2.9, 2.5]),
+        two_expert_share=0.2,
+        layer_share={"enc.0": 0.25},
     )
+    # A dynamic-k gate's record has the mean and each layer's histogram of experts per token.
+    relu = dict(top2[0], name="relu", experts_per_token=1.4, layer_experts_histogram={"enc.0": [0.1, 0.5, 0.3, 0.1]})
     store = tmp_path / "runs-paper"
-    text = paper_protocol.report({"top2": top2, "adaptive-no-curriculum": [adaptive]}, store)
+    text = paper_protocol.report({"top2": top2, "adaptive-no-curriculum": [adaptive], "relu": [relu]}, store)
     assert "| step 150 (3.100) | step 250 (2.000) |" in text  # the mean of 1.9 and 2.1
     # Step 250's target: seed 1 of top-2 never reaches it, so no arm has a ratio there.
     assert (
-        "| adaptive-no-curriculum | 1 | not measured | 1.20 (1 seed) | n/a | 30.00 (1 seed) | 20.0 (1 seed) |" in text
+        "| adaptive-no-curriculum | 1 | not measured | 1.20 (1 seed) | n/a | 30.00 (1 seed) | 1.200 (1 seed) |" in text
     )
+    assert (
+        "| top2 | 2 | not measured | 1.00 [0.97-1.03] (2 seeds) | n/a | 30.00 [30.00-30.00] (2 seeds) | 2.000" in text
+    )
+    # Per layer: 0 to 3 experts for 10/50/30/10% of ReLU's tokens; one or two for adaptive's.
+    assert "| relu | enc.0 | 1.40 | 10.0 | 50.0 | 30.0 | 10.0 | 0.0 |" in text
+    assert "| adaptive-no-curriculum | enc.0 | 1.25 | 0.0 | 75.0 | 25.0 | 0.0 | 0.0 |" in text
     # With a paired step-time ratio of 0.8 [0.75-0.9]: 1.20 x 0.8 = 0.96, interval 1.20 x 0.75 to 1.20 x 0.9.
     arms = {
         "adaptive-no-curriculum": {"median": 0.8, "interval": [0.75, 0.9]},
