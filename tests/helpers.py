@@ -3,8 +3,10 @@
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,21 +61,46 @@ def tiny_config(tmp: Path) -> Path:
     return path
 
 
-def train(*args, cwd):
-    """`python train.py ARGS` in `cwd`. Runs in this process, which saves the seconds of
-    importing torch and Lightning again, unless it starts DDP processes: Lightning relaunches
-    the command line for the other ranks, so those need a command line of their own."""
-    args = [str(a) for a in args]
-    if "--trainer.devices" in args and args[args.index("--trainer.devices") + 1] != "1":
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        out = subprocess.run(
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], cwd, ranks: int) -> SimpleNamespace:
+    """Every rank of a DDP run started at once with its rank in the environment, as torchrun
+    does: they import torch and Lightning side by side, where Lightning's own launcher starts
+    the other ranks only once rank 0 has. tests/test_faults.py runs DDP through that launcher."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env |= {"WORLD_SIZE": str(ranks), "NODE_RANK": "0"}
+    logs = [tempfile.TemporaryFile("w+") for _ in range(2 * ranks)]
+    procs = [
+        subprocess.Popen(
             [sys.executable, str(ROOT / "train.py"), *args],
             cwd=cwd,
-            env=env,
-            capture_output=True,
+            env={**env, "LOCAL_RANK": str(r)},
+            stdout=logs[2 * r],
+            stderr=logs[2 * r + 1],
             text=True,
-            timeout=300,
         )
+        for r in range(ranks)
+    ]
+    codes = [p.wait(timeout=300) for p in procs]
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    return SimpleNamespace(returncode=max(codes, key=abs), stdout="".join(texts[::2]), stderr="".join(texts[1::2]))
+
+
+def train(*args, cwd):
+    """`python train.py ARGS` in `cwd`. Runs in this process, which saves the seconds of
+    importing torch and Lightning again, unless it starts DDP processes: those run as
+    processes of their own (`launch`)."""
+    args = [str(a) for a in args]
+    if "--trainer.devices" in args and args[args.index("--trainer.devices") + 1] != "1":
+        out = launch(args, cwd, int(args[args.index("--trainer.devices") + 1]))
     else:
         from adamoe.cli import entry
 
