@@ -9,7 +9,9 @@ arm and top-2 (the checkpoint of the same seed) take full training steps on thos
 batches, back to back, in alternating order; each starts the repeat from its checkpoint.
 A repeat's ratio is the arm's summed step time over top-2's. Writes `paired_step.json` next
 to the run folder: per arm, every ratio, their median, and a 90% bootstrap interval of the
-median over (checkpoint, repeat); `replicate.py --protocol paper --report-only` reads it.
+median over (checkpoint, repeat), and the machine, commit and date it was timed on;
+`--only` times some arms again and keeps the others. `replicate.py --protocol paper
+--report-only` reads it.
 """
 
 import argparse
@@ -75,14 +77,19 @@ def main():
     ap.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "replication" / "runs-paper")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="+", help="time these arms; the others keep their ratios in paired_step.json")
     args = ap.parse_args()
     runs = [r for p in sorted(args.runs.glob("*-s*.json")) if "name" in (r := json.loads(p.read_text()))]
+    out = args.runs.parent / "paired_step.json"
+    kept = json.loads(out.read_text())["arms"] if args.only and out.exists() else {}
     top2 = {r["seed"]: Path(r["checkpoint"]) for r in runs if r["name"] == "top2" and Path(r["checkpoint"]).exists()}
     if not top2:
         ap.error(f"no top2 run with a checkpoint in {args.runs}")
     torch.manual_seed(0)
     arms: dict[str, list[float]] = {}
     for r in runs:
+        if args.only and r["name"] not in args.only:
+            continue
         folder = Path(r["checkpoint"]).parent
         partner = top2.get(r["seed"], next(iter(top2.values())))
         for ckpt in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:
@@ -92,7 +99,8 @@ def main():
             )
             arms.setdefault(r["name"], []).extend(ratios)
             print(f"{r['name']} s{r['seed']} {ckpt.name}: {', '.join(f'{x:.3f}' for x in ratios)}", flush=True)
-    result = {
+    # Each arm keeps where and when it was timed: a call with --only times some arms again.
+    where = {
         "machine": {"cpu": cpu_model(), "node": platform.node(), "threads": torch.get_num_threads()},
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -100,9 +108,12 @@ def main():
         "date": time.strftime("%Y-%m-%d"),
         "batches": args.batches,
         "repeats": args.repeats,
-        "arms": {n: {"ratios": v, "median": statistics.median(v), "interval": interval(v)} for n, v in arms.items()},
     }
-    (args.runs.parent / "paired_step.json").write_text(json.dumps(result, indent=1) + "\n")
+    timed = {
+        n: {"ratios": v, "median": statistics.median(v), "interval": interval(v), **where} for n, v in arms.items()
+    }
+    result = {"arms": kept | timed}
+    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,9 @@ def report(runs: dict[str, list[dict]], store: Path) -> str:
         out.append(
             f"| {name} | {len(rs)} | {step} | {' | '.join(cells)} | {spread([r['test_bleu'] for r in rs])} | {used} |"
         )
+    places = sorted({f"{v['machine']['cpu']}, {v['date']}" for v in paired.values() if "machine" in v})
+    if places:
+        out += ["", f"Paired step times (`benchmarks/paired_step.py`) taken on: {'; '.join(places)}."]
     out += ["", "## The paper's claims", ""] + claims(runs, normalized) + waits(store.parent / "curriculum_wait.json")
     out += distribution(runs)
     out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU |", "|---|---|---|---|---|"]
