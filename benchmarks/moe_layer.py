@@ -38,6 +38,17 @@ def adaptive_with_single_share(layer_top2: MoELayer, x_TD: torch.Tensor, single_
     return layer
 
 
+def top_p_for(layer_top2: MoELayer, x_TD: torch.Tensor, experts_per_token: float) -> float:
+    """The p at which top-p routing over this router gives `experts_per_token` on average."""
+    with torch.no_grad():
+        cum_TE = layer_top2.gate.router(x_TD).softmax(-1).sort(-1, descending=True).values.cumsum(-1)
+    low, high = 0.0, 1.0
+    for _ in range(40):  # the mean count rises with p: bisect
+        p = (low + high) / 2
+        low, high = (p, high) if ((cum_TE < p).sum(-1) + 1).float().mean() < experts_per_token else (low, p)
+    return (low + high) / 2
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096)
@@ -61,10 +72,14 @@ def main():
     rows = {"top-2": top2, "top-1": top1}
     for share in (0.8, 0.5, 0.2):
         rows[f"adaptive {share:.0%} top-1"] = adaptive_with_single_share(top2, x_BSD[0], share)
-    # The dynamic-k gates, with top-2's experts (and router, where it has the shape).
+    # The dynamic-k gates, with top-2's experts (and router, where it has the shape): first
+    # where they spend less than top-2, as adaptive does (the test of their dispatch), then
+    # where they send most tokens to more than two experts.
     for name, gate in (
-        ("top-p 0.5", TopPGate(D, E, p=0.5)),
+        ("top-p, 1.5 per token", TopPGate(D, E, p=top_p_for(top2, x_BSD[0], 1.5))),
         ("null experts k=2", NullExpertGate(D, E, k=2, num_null=4)),
+        ("relu, at most 1", ReLUGate(D, E, max_experts=1)),
+        ("top-p 0.5", TopPGate(D, E, p=0.5)),
         ("relu, at most 3", ReLUGate(D, E, max_experts=3)),
     ):
         rows[name] = MoELayer(D, Fd, E, gate)
