@@ -226,3 +226,29 @@ def test_paired_ratios_time_both_on_the_same_batches_from_fresh_states():
         "top2",
         "arm",
     ]  # order alternates
+
+
+def test_the_curriculum_wait_verdict_compares_the_paper_order_with_both_others(tmp_path):
+    import paper_protocol
+
+    def measured(paper, random, length):
+        orders = {
+            o: {"wait_s_max": v, "step_s": 1.0, "wait_share": v}
+            for o, v in zip(("paper", "random", "length"), (paper, random, length))
+        }
+        w = {
+            "run": "adaptive",
+            "seed": 0,
+            "from_step": 5,
+            "steps": 60,
+            "machine": {"cpu": "x"},
+            "date": "d",
+            "orders": orders,
+        }
+        (tmp_path / "w.json").write_text(json.dumps(w))
+        return paper_protocol.waits(tmp_path / "w.json")[-1]
+
+    assert "it cuts it" in measured(0.1, 0.2, 0.15)
+    assert "it does not cut it" in measured(0.16, 0.2, 0.15)  # below random's, above length's
+    assert "0.160 s a step against random's 0.200 s and length's 0.150 s" in measured(0.16, 0.2, 0.15)
+    assert "not measured yet" in paper_protocol.waits(tmp_path / "none.json")[0]
