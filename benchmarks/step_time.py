@@ -28,6 +28,7 @@ from replicate import RUNS, step_time_file
 from throughput import cpu_model
 from torch.utils.flop_counter import FlopCounterMode
 
+from adamoe.callbacks import Budget
 from adamoe.data import ParallelText, TranslationData
 from adamoe.tasks import TranslationModule
 from adamoe.transformer import TransformerConfig
@@ -77,11 +78,13 @@ def load(checkpoint: str):
         module = TranslationModule.load_from_checkpoint(f.name, map_location="cpu").train()
     optimizer = module.optimizer(module.parameters())  # as configured for the run
     optimizer.load_state_dict(state["optimizer_states"][0])
-    # A run under a compute budget routes by the knobs its Budget callback last set.
+    # A run under a compute budget routes by the knobs its Budget callback last set: the
+    # callback restores them as it does when a run resumes.
     for key, saved in state.get("callbacks", {}).items():
         if key.startswith("Budget"):
-            for name, layer in zip(module.net.moe_layer_names, module.net.moe_layers()):
-                setattr(layer.gate, type(layer.gate).KNOB, saved["knobs"][name])
+            budget = Budget()
+            budget.load_state_dict(saved)
+            budget.on_train_start(None, module)
     return module, optimizer
 
 
