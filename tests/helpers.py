@@ -85,7 +85,11 @@ def launch(args: list[str], cwd, ranks: int) -> SimpleNamespace:
         )
         for r in range(ranks)
     ]
-    codes = [p.wait(timeout=300) for p in procs]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:  # a rank that hangs past the timeout is not left behind
+        for p in procs:
+            p.kill()
     texts = []
     for log in logs:
         log.seek(0)
