@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -201,8 +202,8 @@ def test_paper_protocol_plan_and_report(tmp_path):
     text = paper_protocol.report({"top2": top2, "adaptive-no-curriculum": [adaptive]}, store)
     assert "| 0.800 [0.750-0.900] | 1.20 (1 seed); **0.96** [0.90-1.08] |" in text
     assert (
-        "without the curriculum at most 0.85x top-2's normalized time: not decided (fewer than 3 seeds measured)"
-        in text
+        "without the curriculum at most 0.85x top-2's normalized time (paper: 0.79x): not decided "
+        "(adaptive-no-curriculum: fewer than 3 seeds, or no paired step time)" in text
     )
 
 
@@ -252,3 +253,70 @@ def test_the_curriculum_wait_verdict_compares_the_paper_order_with_both_others(t
     assert "it does not cut it" in measured(0.16, 0.2, 0.15)  # below random's, above length's
     assert "0.160 s a step against random's 0.200 s and length's 0.150 s" in measured(0.16, 0.2, 0.15)
     assert "not measured yet" in paper_protocol.waits(tmp_path / "none.json")[0]
+
+
+def test_a_claim_is_decided_only_where_the_whole_interval_is_on_one_side():
+    import paper_protocol
+
+    assert paper_protocol.judge({150: True, 250: True}) == "confirmed at every target"
+    assert paper_protocol.judge({150: False, 250: False}) == "refuted at every target"
+    mixed = paper_protocol.judge({150: True, 250: None, 350: False})
+    assert mixed == "not decided: holds at [150]; fails at [350]; interval crosses the line at [250]"
+
+    seeds = lambda name, bleu, share=1.0: [  # noqa: E731
+        {"name": name, "seed": s, "test_bleu": b, "two_expert_share": share, "layer_share": {}}
+        for s, b in enumerate(bleu)
+    ]
+    runs = {
+        "top2": seeds("top2", [33.0, 34.0, 35.0]),
+        "dense": seeds("dense", [30.0, 31.0, 32.0]),
+        "top1": seeds("top1", [30.0, 31.0, 33.5]),
+        "adaptive": seeds("adaptive", [34.0] * 3, 0.3),
+        "adaptive-no-curriculum": seeds("adaptive-no-curriculum", [34.0] * 3, 0.3),
+    }
+    normalized = {
+        # dense: wholly below 1 at step 150, across it at 250
+        "dense": {150: (0.8, 0.7, 0.9), 250: (0.95, 0.85, 1.05)},
+        # top-1: wholly above 1 at both
+        "top1": {150: (1.1, 1.02, 1.2), 250: (1.2, 1.1, 1.3)},
+        # the curriculum arm wholly below the other at 150; at 250 the other has a seed that never got there
+        "adaptive": {150: (0.8, 0.7, 0.85), 250: (0.9, 0.8, 0.95)},
+        "adaptive-no-curriculum": {150: (0.95, 0.9, 1.0), 250: (math.inf, 0.96, math.inf)},
+    }
+    text = "\n".join(paper_protocol.claims(runs, normalized))
+    assert "in less time than top-2 (paper: 0.87x): not decided: holds at [150]; interval crosses" in text
+    assert "Top-1 takes longer than top-2 (paper: 1.04x): confirmed at every target" in text
+    assert "9-22% longer without it): confirmed at every target" in text
+    # a seed that never reached a target puts no upper end on it, and the lower end decides
+    assert (
+        "0.85x top-2's normalized time (paper: 0.79x): refuted at every target; "
+        "150: 0.95 [0.90-1.00], 250: a seed never reached it (the others from 0.96)" in text
+    )
+    # top-1's best seed (33.5) is above top-2's worst (33.0), its mean below top-2's: ranges overlap
+    assert "Top-1's test BLEU is below top-2's (paper: 39.5 against 41.1): not decided (the ranges overlap)" in text
+    normalized["adaptive"] = {150: (1.1, 1.02, 1.2), 250: (1.0, 0.96, 1.05)}  # wholly above at 150 only
+    assert "9-22% longer without it): not decided: fails at [150]; interval crosses the line at [250]" in "\n".join(
+        paper_protocol.claims(runs, normalized)
+    )
+
+
+def test_routing_claims_read_each_seeds_layers():
+    import paper_protocol
+
+    def run(enc, dec, two=0.25):
+        share = {f"enc.{i}": v for i, v in enumerate(enc)} | {f"dec.{i}": v for i, v in enumerate(dec)}
+        return {"name": "adaptive-no-curriculum", "test_bleu": 30.0, "two_expert_share": two, "layer_share": share}
+
+    falls_rises = run([0.5, 0.4, 0.3], [0.1, 0.2, 0.3])
+    flat = run([0.5, 0.5, 0.5], [0.1, 0.2, 0.3])
+    text = "\n".join(paper_protocol.routing({"adaptive-no-curriculum": [falls_rises] * 3}))
+    assert "(paper: 25.6% in translation): refuted at this shape: in percent, 25.0 [25.0-25.0] (3 seeds)" in text
+    seeds = [run([0.5, 0.4, 0.3], [0.1, 0.2, 0.3], two) for two in (0.2, 0.25, 0.3)]
+    assert "translation): confirmed: in percent, 25.0 [20.0-30.0]" in "\n".join(
+        paper_protocol.routing({"adaptive-no-curriculum": seeds})
+    )
+    assert "Figure 2): confirmed: the encoder's falls in 3 of 3 seeds, the decoder's rises in 3" in text
+    text = "\n".join(paper_protocol.routing({"adaptive-no-curriculum": [falls_rises, flat, flat]}))
+    assert "Figure 2): not decided: the encoder's falls in 1 of 3 seeds, the decoder's rises in 3" in text
+    text = "\n".join(paper_protocol.routing({"adaptive-no-curriculum": [flat] * 3}))
+    assert "Figure 2): refuted: the encoder's falls in 0 of 3 seeds" in text
