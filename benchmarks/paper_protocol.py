@@ -215,7 +215,7 @@ def report(runs: dict[str, list[dict]], store: Path) -> str:
     if places:
         out += ["", f"Paired step times (`benchmarks/paired_step.py`) taken on: {'; '.join(places)}."]
     out += ["", "## The paper's claims", ""] + claims(runs, normalized) + waits(store.parent / "curriculum_wait.json")
-    out += distribution(runs)
+    out += upcycling(runs) + distribution(runs)
     out += ["", "## Runs", "", "| run | machine | date | steps | test BLEU |", "|---|---|---|---|---|"]
     out += [
         f"| {n} s{r['seed']} | {r['machine']['cpu']} | {r['date'][:10]} | {r['steps']} | {r['test_bleu']:.2f} |"
@@ -238,6 +238,30 @@ def histogram(r: dict, layer: str) -> list[float]:
         return r["layer_experts_histogram"][layer]
     share = r["layer_share"][layer]
     return [0.0, 1 - share, share]
+
+
+def upcycling(runs: dict[str, list[dict]]) -> list[str]:
+    """What filling the experts with copies of the dense FFN changes: the loss the run starts
+    from and where it ends, against the same gate with random experts."""
+    pairs = [(c, r) for c, r in (("top2-copy", "top2"), ("adaptive-copy", "adaptive-no-curriculum")) if c in runs]
+    if not pairs:
+        return []
+    out = [
+        "",
+        "## Upcycling: experts copied from the dense FFN",
+        "",
+        "The same gate with random and with copied experts (`copy`, noise 0.01). One seed of `copy`: "
+        "a difference here is not yet a finding.",
+        "",
+        "| arm | val/loss at the first validation | at the last | test BLEU |",
+        "|---|---|---|---|",
+    ]
+    for name in (n for pair in pairs for n in pair):
+        rs = runs.get(name, [])
+        first = spread([r["curve"][0]["value"] for r in rs], ".3f")
+        last = spread([r["curve"][-1]["value"] for r in rs], ".3f")
+        out.append(f"| {name} | {first} | {last} | {spread([r['test_bleu'] for r in rs])} |")
+    return out
 
 
 def distribution(runs: dict[str, list[dict]]) -> list[str]:

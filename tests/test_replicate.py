@@ -320,3 +320,16 @@ def test_routing_claims_read_each_seeds_layers():
     assert "Figure 2): not decided: the encoder's falls in 1 of 3 seeds, the decoder's rises in 3" in text
     text = "\n".join(paper_protocol.routing({"adaptive-no-curriculum": [flat] * 3}))
     assert "Figure 2): refuted: the encoder's falls in 0 of 3 seeds" in text
+
+
+def test_upcycling_rows_pair_each_copy_arm_with_its_random_twin():
+    import paper_protocol
+
+    def run(name, first, last):
+        return {"name": name, "curve": [{"step": 49, "value": first}, {"step": 599, "value": last}], "test_bleu": 30.0}
+
+    runs = {"top2": [run("top2", 3.3, 2.2), run("top2", 3.5, 2.4)], "top2-copy": [run("top2-copy", 2.1, 2.0)]}
+    text = "\n".join(paper_protocol.upcycling(runs))
+    assert "| top2-copy | 2.100 (1 seed) | 2.000 (1 seed) | 30.00 (1 seed) |" in text
+    assert "| top2 | 3.400 [3.300-3.500] (2 seeds) | 2.300 [2.200-2.400] (2 seeds) |" in text
+    assert "adaptive" not in text and paper_protocol.upcycling({"top2": runs["top2"]}) == []
