@@ -190,6 +190,11 @@ def test_paper_protocol_plan_and_report(tmp_path):
     assert (
         "| top2 | 2 | not measured | 1.00 [0.97-1.03] (2 seeds) | n/a | 30.00 [30.00-30.00] (2 seeds) | 2.000" in text
     )
+    # A run already below the target at its first validation (step 50) got there at step 50 or before.
+    dense = dict(top2[0], name="dense", curve=curve([3.0, 2.9, 2.8, 2.7, 2.6]))
+    assert "| dense | 1 | not measured | ≤ 0.33 (1 seed) | n/a |" in paper_protocol.report(
+        {"top2": top2, "dense": [dense]}, store
+    )
     # Per layer: 0 to 3 experts for 10/50/30/10% of ReLU's tokens; one or two for adaptive's.
     assert "| relu | enc.0 | 1.40 | 10.0 | 50.0 | 30.0 | 10.0 | 0.0 |" in text
     assert "| adaptive-no-curriculum | enc.0 | 1.25 | 0.0 | 75.0 | 25.0 | 0.0 | 0.0 |" in text
