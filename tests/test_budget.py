@@ -58,12 +58,14 @@ def test_a_gate_without_a_knob_is_refused():
 def _two_ranks_turn_one_knob(rank, store_path, out_path):
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     try:
+        torch.manual_seed(0)  # one router on both ranks, whatever the process ran before
         gate = AdaptiveGate(16, 8, threshold=0.5)
         budget = Budget(target=1.25, rate=0.05)
         pl_module = layers(gate)
         budget.on_train_start(None, pl_module)
         torch.manual_seed(rank)  # each rank routes different tokens, and as many as it likes
-        routing = gate(torch.randn(100 + 300 * rank, 16))
+        # rank 1's larger inputs give a confident router, so its own share differs from rank 0's
+        routing = gate((1 + 9 * rank) * torch.randn(100 + 300 * rank, 16))
         pl_module.train_routings, pl_module.device = [routing], torch.device("cpu")
         pl_module.log_dict = lambda *args, **kwargs: None
 

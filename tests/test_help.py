@@ -15,7 +15,8 @@ def short_help(capsys, *args) -> list[str]:
     return capsys.readouterr().out.splitlines()
 
 
-def test_fit_help_starts_with_gates_threshold_and_data_sources(capsys):
+def test_fit_help_starts_with_gates_threshold_and_data_sources(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # the help wraps to the terminal; narrower ones scroll sooner
     lines = short_help(capsys, "fit", "--help")
     first = "\n".join(lines[:60])
     gates = [
