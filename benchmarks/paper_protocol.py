@@ -244,7 +244,8 @@ def histogram(r: dict, layer: str) -> list[float]:
 
 def upcycling(runs: dict[str, list[dict]]) -> list[str]:
     """What filling the experts with copies of the dense FFN changes: the loss the run starts
-    from and where it ends, against the same gate with random experts."""
+    from and where it ends, against the same gate with random experts and the dense model
+    trained on."""
     pairs = [(c, r) for c, r in (("top2-copy", "top2"), ("adaptive-copy", "adaptive-no-curriculum")) if c in runs]
     if not pairs:
         return []
@@ -252,14 +253,14 @@ def upcycling(runs: dict[str, list[dict]]) -> list[str]:
         "",
         "## Upcycling: experts copied from the dense FFN",
         "",
-        "The same gate with random and with copied experts (`copy`, noise 0.01). One seed of `copy`: "
-        "a difference here is not yet a finding.",
+        "The same gate with random and with copied experts (`copy`, noise 0.01), and the dense model they "
+        "were converted from, trained on. One seed of `copy`: a difference here is not yet a finding.",
         "",
         "| arm | val/loss at the first validation | at the last | test BLEU |",
         "|---|---|---|---|",
     ]
-    for name in (n for pair in pairs for n in pair):
-        rs = runs.get(name, [])
+    for name in [n for pair in pairs for n in pair if n in runs] + (["dense"] if "dense" in runs else []):
+        rs = runs[name]
         first = spread([r["curve"][0]["value"] for r in rs], ".3f")
         last = spread([r["curve"][-1]["value"] for r in rs], ".3f")
         out.append(f"| {name} | {first} | {last} | {spread([r['test_bleu'] for r in rs])} |")

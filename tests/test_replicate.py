@@ -334,7 +334,9 @@ def test_upcycling_rows_pair_each_copy_arm_with_its_random_twin():
         return {"name": name, "curve": [{"step": 49, "value": first}, {"step": 599, "value": last}], "test_bleu": 30.0}
 
     runs = {"top2": [run("top2", 3.3, 2.2), run("top2", 3.5, 2.4)], "top2-copy": [run("top2-copy", 2.1, 2.0)]}
+    runs["dense"] = [run("dense", 2.0, 1.9)]
     text = "\n".join(paper_protocol.upcycling(runs))
+    assert text.index("| top2-copy |") < text.index("| top2 |") < text.index("| dense | 2.000 (1 seed) | 1.900")
     assert "| top2-copy | 2.100 (1 seed) | 2.000 (1 seed) | 30.00 (1 seed) |" in text
     assert "| top2 | 3.400 [3.300-3.500] (2 seeds) | 2.300 [2.200-2.400] (2 seeds) |" in text
-    assert "adaptive" not in text and paper_protocol.upcycling({"top2": runs["top2"]}) == []
+    assert "adaptive" not in text and paper_protocol.upcycling({"top2": runs["top2"], "dense": runs["dense"]}) == []
